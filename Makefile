@@ -1,0 +1,41 @@
+# llmctl: `make demo` runs the whole pipeline on the built-in corpus, `make test` the test suite.
+# Both create .venv on first use. Override TORCH_SPEC for a GPU build, e.g.
+#   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmctl-installed
+DEMO_RECIPE ?= recipes/tiny-gpt.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench completions clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/llmctl prepare $(DEMO_RECIPE)
+	$(BIN)/llmctl train $(DEMO_RECIPE) --overwrite
+	$(BIN)/llmctl eval runs/tiny-gpt/model --prompt "def fib(n):" --prompt "class Stack:" --max-new-tokens 48
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: install
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_prepare.py
+
+completions: install
+	for shell in bash zsh fish; do _LLMCTL_COMPLETE=source_$$shell $(BIN)/llmctl > completions/llmctl.$$shell; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -1,0 +1,53 @@
+"""The `llmctl` command line: a thin typer layer over the engines.
+
+Nothing heavy is imported here: each command imports torch, accelerate and its
+engine inside its own function, so `llmctl --help` and completion stay instant.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from llmctl import __version__
+from llmctl.cli import eval as eval_cmd
+from llmctl.cli import prepare as prepare_cmd
+from llmctl.cli import recipes as recipes_cmd
+from llmctl.cli import train as train_cmd
+
+app = typer.Typer(
+    name="llmctl",
+    help="Take a language model through its life: prepare data, train, evaluate.\n\n"
+    "Start with [bold]llmctl recipes ls[/], copy one with [bold]llmctl recipes cp tiny-gpt my.yaml[/], then "
+    "[bold]llmctl train my.yaml[/].",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(
+        None, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    pass
+
+
+app.add_typer(recipes_cmd.app, name="recipes")
+app.command("prepare", epilog=prepare_cmd.EPILOG)(prepare_cmd.prepare_cli)
+app.command("train", epilog=train_cmd.EPILOG)(train_cmd.train_cli)
+app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_cli)
+
+
+def main() -> None:
+    app(prog_name="llmctl")

@@ -1,0 +1,47 @@
+"""How commands speak: people read stderr (rich), machines read one JSON object on stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from llmctl.errors import LlmctlError
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+def interactive() -> bool:
+    """Progress bars only when a person watches stderr."""
+    return err_console.is_terminal and not os.environ.get("CI")
+
+
+def print_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def reporting_errors(json_mode: bool = False) -> Iterator[None]:
+    """Turn an LlmctlError into a one-paragraph message and its exit status, never a traceback."""
+    try:
+        yield
+    except LlmctlError as e:
+        if json_mode:
+            print_json({"error": {"message": e.message, "kind": e.kind}})
+        err_console.print(f"[bold red]error:[/] {escape(e.message)}", soft_wrap=True, emoji=False)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+def say(message: str) -> None:
+    err_console.print(message)

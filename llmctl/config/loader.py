@@ -1,0 +1,210 @@
+"""Load a recipe: YAML -> dotted overrides -> one pydantic validation, errors naming file:line:key."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from llmctl.config.schema import Recipe
+from llmctl.errors import LlmctlError
+
+COMMAND_LINE = "command line"
+
+
+def _line_map(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in the YAML text (list items as key[i])."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_line_map(value_node, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = f"{prefix}[{i}]"
+            lines[key] = item.start_mark.line + 1
+            lines.update(_line_map(item, key))
+    return lines
+
+
+def parse_recipe_text(text: str, source: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse recipe YAML into a dict plus the line of every dotted key."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e)
+        raise LlmctlError(f"{where}: not valid YAML ({problem}).") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LlmctlError(f"{source}:1: a recipe is a mapping of sections (data, model, train, ...), got {type(data).__name__}.")
+    return data, _line_map(node) if node is not None else {}
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise LlmctlError(
+            f"override {item!r}: expected section.key=value, e.g. train.lr=3e-4 or model.n_layer=2."
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], set[str]]:
+    """Set each `section.key=value` (value parsed as YAML, so types coerce) into a copy of `data`.
+
+    Returns the new dict and the dotted keys the command line set.
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    keys: set[str] = set()
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise LlmctlError(
+                    f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section."
+                )
+            node = child
+        node[parts[-1]] = value
+        keys.add(".".join(parts))
+    return out, keys
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at `loc[:-1]`, for did-you-mean hints."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        op = bounds[kind]
+        limit = next(iter(ctx.values()), "?")
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)
+        return f"must be {op} {limit}, got {got!r}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected', '?')}, got {got!r}"
+    if kind in {"int_parsing", "int_type", "int_from_float"}:
+        return f"must be an integer, got {got!r}"
+    if kind in {"float_parsing", "float_type"}:
+        return f"must be a number, got {got!r}"
+    if kind in {"bool_parsing", "bool_type"}:
+        return f"must be true or false, got {got!r}"
+    if kind in {"string_type"}:
+        return f"must be a string, got {got!r}"
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    msg = err.get("msg", "invalid")
+    return msg.removeprefix("Value error, ")
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    model = _model_at(loc)
+    if model is None:
+        return ""
+    name = str(loc[-1])
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.5)
+    parent = _dotted(loc[:-1])
+    if close:
+        return f"; did you mean {parent + '.' if parent else ''}{close[0]}?"
+    return f"; expected one of: {', '.join(model.model_fields)}"
+
+
+def _where(key: str, source: str, lines: dict[str, int], overridden: set[str]) -> str:
+    probe = key
+    while probe:
+        if probe in overridden:
+            return COMMAND_LINE
+        if probe in lines:
+            return f"{source}:{lines[probe]}"
+        probe = probe.rsplit(".", 1)[0] if "." in probe else (probe.rsplit("[", 1)[0] if "[" in probe else "")
+    return source
+
+
+def validate_recipe(
+    data: dict[str, Any], source: str, lines: dict[str, int] | None = None, overridden: set[str] | None = None
+) -> Recipe:
+    """Validate a recipe dict once; on failure raise LlmctlError listing `file:line key: problem` lines."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            key = _dotted(loc) or "(top level)"
+            text = _describe(err)
+            if err["type"] == "extra_forbidden":
+                text += _did_you_mean(loc)
+            problems.append(f"{_where(key, source, lines or {}, overridden or set())} {key}: {text}")
+        if len(problems) == 1:
+            raise LlmctlError(f"{problems[0]}.", kind="recipe") from None
+        listing = "\n  ".join(problems)
+        raise LlmctlError(f"recipe {source} has {len(problems)} problems:\n  {listing}", kind="recipe") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file; run.name defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (shipped recipes: `llmctl recipes ls`; copy one with `llmctl recipes cp NAME PATH`)"
+        raise LlmctlError(f"{path}: no such recipe file{hint}.", kind="recipe")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LlmctlError(f"{path}: not UTF-8 at byte {e.start}.", kind="recipe") from None
+    data, lines = parse_recipe_text(text, str(path))
+    data, overridden = apply_overrides(data, overrides or [])
+    run = data.setdefault("run", {}) if isinstance(data.get("run", {}), dict) else data["run"]
+    if isinstance(run, dict) and not run.get("name"):
+        run["name"] = path.stem
+    return validate_recipe(data, str(path), lines, overridden)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML, in section order, for run dirs and best.yaml."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

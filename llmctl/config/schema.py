@@ -1,0 +1,197 @@
+"""The recipe schema: the single source of truth for every setting's type, default, bound and help.
+
+`llmctl recipes schema` prints it as JSON Schema, error messages quote its bounds,
+and the shipped recipes' comments follow its descriptions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str | None = Field(
+        None,
+        description="Run name: the run dir is runs/<name>/ and the dataset dir defaults to data/<name>. "
+        "Defaults to the recipe file's stem.",
+    )
+    seed: int = Field(0, ge=0, description="Seed for weight init, data order, dropout and sampling.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v in {".", ".."}):
+            raise ValueError("must be a plain name without '/', e.g. tiny-gpt")
+        return v
+
+
+class SourceSpec(_Section):
+    """One input of `prepare`: a file, directory, glob, or `builtin:stdlib`."""
+
+    path: str = Field(description="A file, directory, glob (data/**/*.txt), or builtin:stdlib.")
+    format: Literal["auto", "text", "jsonl", "csv"] = Field(
+        "auto", description="How to read it; auto goes by the extension (.jsonl/.json, .csv, else text)."
+    )
+    field: str = Field("text", description="The JSONL field or CSV column that holds the text.")
+
+
+class DataConfig(_Section):
+    dir: str | None = Field(None, description="Dataset dir written by prepare; defaults to data/<run.name>.")
+    sources: list[SourceSpec] = Field(
+        default_factory=lambda: [SourceSpec(path="builtin:stdlib")],
+        description="Inputs: paths, globs, directories, JSONL/CSV files, or builtin:stdlib. "
+        "A plain string is a path; use {path, format, field} to name a JSONL field or CSV column.",
+    )
+    tokenizer: str | None = Field(
+        None, description="Reuse this tokenizer.json instead of training one (vocab_size is then ignored)."
+    )
+    vocab_size: int = Field(4096, ge=260, le=1_000_000, description="BPE vocabulary size, special tokens included.")
+    min_frequency: int = Field(2, ge=1, description="A pair must occur this often to become a merge.")
+    special_tokens: list[str] = Field(
+        default_factory=lambda: ["<|endoftext|>"],
+        description="Special tokens; the first one separates documents (end of text).",
+    )
+    val_fraction: float = Field(
+        0.02, gt=0, lt=0.5, description="Share of documents held out for validation, chosen by a hash of each."
+    )
+    encoding_errors: Literal["strict", "replace"] = Field(
+        "strict", description="What to do with bytes that are not UTF-8 in your files: stop (strict) or replace."
+    )
+    max_bytes: int | None = Field(
+        None, gt=0, description="Read at most this many bytes of text (for quick runs); null reads everything."
+    )
+    chunk_bytes: int = Field(
+        4_000_000, ge=4096, description="Bytes of text encoded per parallel batch; bounds prepare's memory."
+    )
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _strings_are_paths(cls, v: object) -> object:
+        if isinstance(v, (str, dict)):
+            v = [v]
+        if isinstance(v, list):
+            return [{"path": s} if isinstance(s, str) else s for s in v]
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _not_empty(cls, v: list[SourceSpec]) -> list[SourceSpec]:
+        if not v:
+            raise ValueError("needs at least one source, e.g. [builtin:stdlib] or [data/*.txt]")
+        return v
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _has_eot(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least the end-of-text token, e.g. ['<|endoftext|>']")
+        if len(set(v)) != len(v):
+            raise ValueError("has a repeated token")
+        return v
+
+
+class ModelConfig(_Section):
+    family: Literal["gpt"] = Field("gpt", description="Model family from the registry (gpt: Llama-style decoder).")
+    n_layer: int = Field(4, ge=1, le=256, description="Transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention (query) heads.")
+    n_kv_head: int | None = Field(
+        None, ge=1, description="Key/value heads for grouped-query attention; null means n_head."
+    )
+    d_model: int = Field(128, ge=8, description="Width of the residual stream.")
+    d_ff: int | None = Field(None, ge=1, description="SwiGLU hidden width; null means Llama's 8/3 d_model rounded up to 64.")
+    context_length: int = Field(128, ge=2, description="Tokens per sequence in training; the longest context.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention and residual outputs while training.")
+    tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
+    rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position embedding.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of RMSNorm.")
+    init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight init.")
+    vocab_size: int | None = Field(
+        None, ge=2, description="Vocabulary size; null takes it from the dataset's tokenizer."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(f"head size d_model/n_head ({self.d_model // self.n_head}) must be even for rotary embeddings")
+        kv = self.n_kv_head or self.n_head
+        if self.n_head % kv:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({kv})")
+        return self
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate.")
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step, over all processes.")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per process per forward; null means batch_size. "
+        "Gradient accumulation steps = batch_size / (micro_batch_size x processes).",
+    )
+    optimizer: Literal["adamw", "adam", "sgd", "rmsprop"] = Field("adamw", description="Optimizer.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum for sgd and rmsprop.")
+    nesterov: bool = Field(False, description="Nesterov momentum for sgd.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam/AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam/AdamW/RMSprop epsilon.")
+    weight_decay: float = Field(0.1, ge=0, description="Weight decay (decoupled for adamw, L2 for the others); "
+                                "not applied to norms.")
+    l1: float = Field(0.0, ge=0, description="L1 penalty on weight matrices, added to the loss.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr over this many steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a share of lr, for linear and cosine.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 turns clipping off.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32, or bf16/fp16 autocast where the device supports it (fp16 needs a GPU)."
+    )
+    compile: bool = Field(False, description="Run the model through torch.compile (first step slower).")
+    eval_every: int = Field(100, ge=1, description="Evaluate on the val split every N steps (and at the end).")
+    eval_batches: int = Field(20, ge=1, description="Micro-batches of val data per evaluation.")
+    log_every: int = Field(10, ge=1, description="Write a metrics.jsonl row every N steps.")
+    checkpoint_every: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the newest K step checkpoints; the best model is kept apart.")
+    patience: int | None = Field(
+        None, ge=1, description="Early stopping: stop after this many evaluations without improvement; null never stops early.",
+    )
+    min_delta: float = Field(0.0, ge=0, description="Early stopping: the least drop in val loss that counts as better.")
+    keep_best: bool = Field(True, description="Write the model with the best val loss to model/ (else the last one).")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _micro_divides(self) -> "TrainConfig":
+        mb = self.micro_batch_size or self.batch_size
+        if mb > self.batch_size:
+            raise ValueError(f"micro_batch_size ({mb}) cannot exceed batch_size ({self.batch_size})")
+        if self.batch_size % mb:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({mb})")
+        return self
+
+
+class Recipe(_Section):
+    """A whole recipe: one section per step."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @property
+    def name(self) -> str:
+        assert self.run.name is not None, "load_recipe fills run.name"
+        return self.run.name
+
+    def data_dir(self) -> Path:
+        return Path(self.data.dir) if self.data.dir else Path("data") / self.name

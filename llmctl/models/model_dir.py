@@ -1,0 +1,91 @@
+"""Write and read model dirs: config.json, model.safetensors, tokenizer.json, llmctl.json."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmctl.artifacts import ModelDir, read_json_artifact, replace_dir_atomic, staging_dir, write_json_atomic
+from llmctl.errors import LlmctlError
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # torch.nn.Module
+    config: dict[str, Any]
+    tokenizer: Any  # tokenizers.Tokenizer
+    provenance: dict[str, Any]
+    path: Path
+
+
+def save_model_dir(model: Any, dest: Path, *, tokenizer_path: Path, provenance: dict[str, Any]) -> None:
+    """Write a complete model dir to `dest` atomically (a crash leaves the old one or none)."""
+    from safetensors.torch import save_model
+
+    dest = Path(dest)
+    tmp = staging_dir(dest)
+    try:
+        write_json_atomic(tmp / "config.json", model.config.to_dict())
+        save_model(model, str(tmp / "model.safetensors"))
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        write_json_atomic(tmp / "llmctl.json", provenance)
+        replace_dir_atomic(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_model_dir(src: Path, dest: Path) -> None:
+    """Copy a whole model dir into place atomically."""
+    tmp = staging_dir(Path(dest))
+    shutil.rmtree(tmp)
+    try:
+        shutil.copytree(src, tmp)
+        replace_dir_atomic(tmp, Path(dest))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model_dir(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Load a model dir, refusing one whose parts disagree (tokenizer larger than the vocabulary, ...)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    from tokenizers import Tokenizer
+
+    from llmctl.models.registry import build_model
+
+    md = ModelDir(Path(path))
+    md.check()
+    config = read_json_artifact(md.config, "model dir")
+    config.pop("format_version", None)
+    provenance = read_json_artifact(md.provenance, "model dir") if md.provenance.is_file() else {}
+    try:
+        tokenizer = Tokenizer.from_file(str(md.tokenizer))
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise LlmctlError(f"{md.tokenizer}: not a readable tokenizer ({e}).") from None
+    vocab = config.get("vocab_size")
+    if not isinstance(vocab, int) or tokenizer.get_vocab_size() > vocab:
+        raise LlmctlError(
+            f"{md.path}: tokenizer.json has {tokenizer.get_vocab_size()} tokens but config.json's vocab_size is "
+            f"{vocab}; the tokenizer does not belong to this model (copy the dataset's tokenizer.json back, "
+            "or retrain)."
+        )
+    try:
+        model = build_model(config)
+    except (TypeError, ValueError) as e:
+        raise LlmctlError(f"{md.config}: cannot build the model from it ({e}).") from None
+    try:
+        missing, unexpected = load_model(model, str(md.weights), strict=False, device=device)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise LlmctlError(f"{md.weights}: cannot load the weights ({e}).") from None
+    if missing or unexpected:
+        raise LlmctlError(
+            f"{md.weights}: weights do not match config.json (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})."
+        )
+    model.to(device).eval()
+    return LoadedModel(model, config, tokenizer, provenance, md.path)
+

@@ -1,0 +1,1 @@
+"""The training loop on Accelerate, with its optimizers, schedules, batches and checkpoints."""

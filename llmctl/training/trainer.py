@@ -1,0 +1,353 @@
+"""The training engine: one Accelerate loop for every model family, one process or many.
+
+It knows nothing of typer or rich: progress goes to a `TrainCallbacks` object.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmctl import __version__
+from llmctl.artifacts import DatasetDir, RunDir, write_atomic
+from llmctl.config.loader import recipe_to_yaml
+from llmctl.config.schema import Recipe
+from llmctl.errors import EXIT_FAILURE, LlmctlError
+
+
+class TrainCallbacks:
+    """Hooks the CLI uses to draw progress; every method is optional."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+
+    def on_step(self, step: int, row: dict[str, Any] | None) -> None: ...
+
+    def on_eval(self, row: dict[str, Any]) -> None: ...
+
+    def on_message(self, text: str) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    step: int
+    tokens: int
+    loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    stopped_early: bool
+    elapsed_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> tuple[int, Path] | None:
+    """Apply DESIGN.md's run dir rules before any work; return the checkpoint to resume from."""
+    from llmctl.training.checkpoints import check_checkpoint
+
+    if resume and overwrite:
+        raise LlmctlError("--resume and --overwrite contradict each other; choose one.", kind="usage")
+    rd = RunDir(Path(run_dir))
+    latest = rd.latest_checkpoint()
+    if resume:
+        if latest is None:
+            raise LlmctlError(f"{rd.path}: no checkpoint to resume from; run without --resume to start it.")
+        check_checkpoint(latest[1])
+        return latest
+    if latest is not None and not overwrite:
+        raise LlmctlError(
+            f"{rd.path} already has checkpoints (newest {latest[1].name}); pass --resume to continue it "
+            "or --overwrite to start over."
+        )
+    return None
+
+
+def _check_precision(precision: str) -> str:
+    import torch
+
+    if precision == "fp32":
+        return "no"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise LlmctlError("train.precision: fp16 needs a CUDA GPU; on CPU use bf16 or fp32.")
+    if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise LlmctlError("train.precision: this GPU does not support bf16; use fp16 or fp32.")
+    return precision
+
+
+def _model_config(recipe: Recipe, vocab_size: int) -> dict[str, Any]:
+    config = recipe.model.model_dump()
+    if config["vocab_size"] is None:
+        config["vocab_size"] = vocab_size
+    elif config["vocab_size"] < vocab_size:
+        raise LlmctlError(
+            f"model.vocab_size ({config['vocab_size']}) is smaller than the dataset tokenizer's "
+            f"vocabulary ({vocab_size}); set it to null to follow the tokenizer."
+        )
+    return config
+
+
+def _same_model(run_dir: RunDir, recipe: Recipe) -> None:
+    """On resume, refuse a recipe whose model section differs from the one the run started with."""
+    import yaml
+
+    if not run_dir.recipe.is_file():
+        return
+    old = (yaml.safe_load(run_dir.recipe.read_text(encoding="utf-8")) or {}).get("model", {})
+    new = recipe.model.model_dump(mode="json")
+    changed = sorted(k for k in new if old.get(k) != new[k] and k != "dropout")
+    if changed:
+        keys = ", ".join(f"model.{k}" for k in changed)
+        raise LlmctlError(f"--resume: {keys} differ from {run_dir.recipe}; a resumed run keeps its model shape.")
+
+
+def train(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: TrainCallbacks | None = None,
+) -> TrainResult:
+    """Train the recipe's model on its prepared dataset, writing the run dir of DESIGN.md."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+
+    from llmctl.data.shards import TokenShards
+    from llmctl.models import build_model
+    from llmctl.models.model_dir import copy_model_dir, save_model_dir
+    from llmctl.training.batches import WindowBatches, eval_starts
+    from llmctl.training.checkpoints import MetricsLog, load_checkpoint, save_checkpoint
+    from llmctl.training.optim import build_optimizer, build_schedule, l1_penalty
+
+    # Accelerate warns on every save that tied embeddings are stored once; that is intended.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    cb = callbacks or TrainCallbacks()
+    cfg = recipe.train
+    rd = RunDir(Path(run_dir))
+    resume_from = check_run_dir(rd.path, resume=resume, overwrite=overwrite)
+    if resume_from:
+        _same_model(rd, recipe)
+    mixed = _check_precision(cfg.precision)
+
+    dataset = DatasetDir(recipe.data_dir())
+    shards = TokenShards(dataset.path)
+    train_tokens, val_tokens = shards.split("train"), shards.split("val")
+    T = recipe.model.context_length
+    if len(train_tokens) < T + 1:
+        raise LlmctlError(
+            f"{dataset.split('train')}: {len(train_tokens)} tokens, fewer than model.context_length + 1 "
+            f"({T + 1}); add data or lower model.context_length."
+        )
+
+    micro = cfg.micro_batch_size or cfg.batch_size
+    world = PartialState().num_processes
+    if cfg.batch_size % (micro * world):
+        raise LlmctlError(
+            f"train.batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size x processes "
+            f"({micro} x {world})."
+        )
+    accum = cfg.batch_size // (micro * world)
+    accelerator = Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=accum,
+        step_scheduler_with_optimizer=False,
+        dynamo_backend="inductor" if cfg.compile else "no",
+    )
+    rank = accelerator.process_index
+
+    set_seed(recipe.run.seed)
+    model_config = _model_config(recipe, shards.vocab_size)
+    model = build_model(model_config)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_schedule(optimizer, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    main = accelerator.is_main_process
+    metrics = MetricsLog(rd.metrics, enabled=main)
+    state: dict[str, Any] = {"tokens": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_step": None, "bad_evals": 0}
+    start_step = 0
+    if main:
+        if overwrite and rd.path.exists():
+            for child in (rd.checkpoints, rd.model.path):
+                shutil.rmtree(child, ignore_errors=True)
+            rd.metrics.unlink(missing_ok=True)
+        rd.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(rd.recipe, recipe_to_yaml(recipe))
+    accelerator.wait_for_everyone()
+    if resume_from:
+        saved = load_checkpoint(accelerator, resume_from[1])
+        start_step = saved["step"]
+        state.update({k: saved[k] for k in state if k in saved})
+        metrics.truncate_after(start_step)
+    elif main:
+        rd.metrics.unlink(missing_ok=True)
+
+    batches = WindowBatches(train_tokens, T, cfg.batch_size, recipe.run.seed)
+    val_starts = eval_starts(len(val_tokens), T, cfg.eval_batches * micro)[rank::world]
+    tokens_per_step = cfg.batch_size * T
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    provenance_base = {
+        "llmctl_version": __version__,
+        "recipe": recipe.model_dump(mode="json"),
+        "dataset": {"dir": str(dataset.path.resolve()), "fingerprint": shards.meta.get("fingerprint")},
+        "run_dir": str(rd.path.resolve()),
+    }
+
+    val_batches = WindowBatches(val_tokens, T, 1, recipe.run.seed)
+
+    def evaluate() -> float:
+        """Mean val loss (nats/token) over the same fixed windows every time, summed over processes."""
+        model.eval()
+        total = torch.zeros(2, device=accelerator.device)  # (sum of losses, tokens)
+        with torch.no_grad():
+            for i in range(0, len(val_starts), micro):
+                x, y = val_batches.rows(val_starts[i : i + micro])
+                x, y = x.to(accelerator.device), y.to(accelerator.device)
+                with accelerator.autocast():
+                    logits = model(x)  # (B, T, V)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+                total += torch.stack([loss, torch.tensor(float(y.numel()), device=accelerator.device)])
+        total = accelerator.reduce(total, reduction="sum")
+        model.train()
+        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+    def save_model_to(dest: Path, step: int, extra: dict[str, Any]) -> None:
+        save_model_dir(
+            accelerator.unwrap_model(model),
+            dest,
+            tokenizer_path=dataset.tokenizer,
+            provenance={**provenance_base, "step": step, "tokens": state["tokens"], "metrics": extra},
+        )
+
+    cb.on_start(
+        {
+            "run_dir": str(rd.path),
+            "start_step": start_step,
+            "max_steps": cfg.max_steps,
+            "parameters": n_params,
+            "processes": world,
+            "device": str(accelerator.device),
+            "precision": cfg.precision,
+            "micro_batch_size": micro,
+            "accumulation": accum,
+            "tokens_per_step": tokens_per_step,
+            "train_tokens": len(train_tokens),
+            "val_tokens": len(val_tokens),
+        }
+    )
+
+    model.train()
+    step = start_step
+    last_loss: float | None = None
+    last_val: float | None = None
+    stopped_early = False
+    window_t0, window_tokens, window_start = time.perf_counter(), 0, start_step
+    run_t0 = time.perf_counter() - state["elapsed_s"]
+    loss_sum = torch.zeros((), device=accelerator.device)
+    grad_norm = torch.zeros(())
+    try:
+        while step < cfg.max_steps:
+            for x, y in batches.micro_batches(step, rank, world, micro):
+                x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    logits = model(x)  # (B, T, V)
+                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+                    total = loss + cfg.l1 * l1_penalty(model) if cfg.l1 else loss
+                    accelerator.backward(total)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+            lr_of_step = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            step += 1
+            state["tokens"] += tokens_per_step
+            window_tokens += tokens_per_step
+            row = None
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                micro_steps = accum * (step - window_start)
+                last_loss = float(accelerator.reduce(loss_sum, reduction="mean")) / micro_steps
+                now = time.perf_counter()
+                row = {
+                    "step": step,
+                    "tokens": state["tokens"],
+                    "loss": round(last_loss, 6),
+                    "lr": lr_of_step,
+                    "grad_norm": round(float(grad_norm), 6),
+                    "tokens_per_s": round(window_tokens / max(now - window_t0, 1e-9), 1),
+                    "elapsed_s": round(now - run_t0, 3),
+                }
+                metrics.append(row)
+                loss_sum.zero_()
+                window_t0, window_tokens, window_start = now, 0, step
+            cb.on_step(step, row)
+
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                last_val = evaluate()
+                eval_row = {
+                    "step": step,
+                    "tokens": state["tokens"],
+                    "val_loss": round(last_val, 6),
+                    "val_ppl": round(math.exp(min(last_val, 50.0)), 4),
+                    "elapsed_s": round(time.perf_counter() - run_t0, 3),
+                }
+                best = state["best_val_loss"]
+                if best is None or last_val < best - cfg.min_delta:
+                    state.update(best_val_loss=last_val, best_step=step, bad_evals=0)
+                    if main:
+                        save_model_to(rd.best.path, step, {"val_loss": last_val})
+                else:
+                    state["bad_evals"] += 1
+                eval_row["best_val_loss"] = round(state["best_val_loss"], 6)
+                metrics.append(eval_row)
+                cb.on_eval(eval_row)
+                if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
+                    stopped_early = True
+                    cb.on_message(
+                        f"early stopping at step {step}: val loss has not improved by {cfg.min_delta} "
+                        f"for {cfg.patience} evaluations (best {state['best_val_loss']:.4f} at step {state['best_step']})"
+                    )
+
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopped_early:
+                state["elapsed_s"] = time.perf_counter() - run_t0
+                save_checkpoint(accelerator, rd, step, state, cfg.keep_checkpoints)
+            if stopped_early:
+                break
+    except torch.OutOfMemoryError as e:
+        raise LlmctlError(
+            f"out of memory at step {step + 1} ({e}); lower train.micro_batch_size.", kind="oom", exit_code=EXIT_FAILURE
+        ) from None
+
+    state["elapsed_s"] = time.perf_counter() - run_t0
+    final_metrics = {"loss": last_loss, "val_loss": last_val, "best_val_loss": state["best_val_loss"], "best_step": state["best_step"]}
+    if main:
+        if cfg.keep_best and rd.best.path.is_dir():
+            copy_model_dir(rd.best.path, rd.model.path)
+        else:
+            save_model_to(rd.model.path, step, final_metrics)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(
+        run_dir=rd.path,
+        model_dir=rd.model.path,
+        step=step,
+        tokens=state["tokens"],
+        loss=last_loss,
+        val_loss=last_val,
+        best_val_loss=state["best_val_loss"],
+        best_step=state["best_step"],
+        stopped_early=stopped_early,
+        elapsed_s=state["elapsed_s"],
+    )
