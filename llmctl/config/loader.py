@@ -162,6 +162,8 @@ def _where(key: str, source: str, lines: dict[str, int], overridden: set[str]) -
             return COMMAND_LINE
         if probe in lines:
             return f"{source}:{lines[probe]}"
+        if any(k.startswith((probe + ".", probe + "[")) for k in overridden):
+            return COMMAND_LINE
         probe = probe.rsplit(".", 1)[0] if "." in probe else (probe.rsplit("[", 1)[0] if "[" in probe else "")
     return source
 
@@ -182,7 +184,8 @@ def validate_recipe(
                 text += _did_you_mean(loc)
             problems.append(f"{_where(key, source, lines or {}, overridden or set())} {key}: {text}")
         if len(problems) == 1:
-            raise LlmctlError(f"{problems[0]}.", kind="recipe") from None
+            message = problems[0] if problems[0].endswith(("?", ".")) else f"{problems[0]}."
+            raise LlmctlError(message, kind="recipe") from None
         listing = "\n  ".join(problems)
         raise LlmctlError(f"recipe {source} has {len(problems)} problems:\n  {listing}", kind="recipe") from None
 

@@ -68,7 +68,7 @@ class DataConfig(_Section):
         None, gt=0, description="Read at most this many bytes of text (for quick runs); null reads everything."
     )
     chunk_bytes: int = Field(
-        4_000_000, ge=4096, description="Bytes of text encoded per parallel batch; bounds prepare's memory."
+        1_000_000, ge=4096, description="Bytes of text encoded per parallel batch; bounds prepare's memory."
     )
 
     @field_validator("sources", mode="before")

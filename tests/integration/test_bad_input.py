@@ -1,0 +1,92 @@
+"""Bad input: a clear message naming what and where, exit status 2, no traceback, nothing corrupted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tests.integration.conftest import assert_clean_failure, run_cli
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_missing_source(workdir: Path) -> None:
+    proc = run_cli(workdir, "prepare", "tiny.yaml", "data.sources=[nowhere/*.txt]", check=False)
+    assert_clean_failure(proc, 2, "nowhere/*.txt")
+
+
+def test_empty_source(workdir: Path) -> None:
+    (workdir / "empty.txt").write_text("")
+    proc = run_cli(workdir, "prepare", "tiny.yaml", "data.sources=[empty.txt]", check=False)
+    assert_clean_failure(proc, 2, "empty.txt", "empty")
+
+
+def test_user_file_that_is_not_utf8_names_file_and_offset(workdir: Path) -> None:
+    (workdir / "latin1.txt").write_bytes(b"def ok():\n    return 1\n" + "caf\u00e9\n".encode("latin-1"))
+    proc = run_cli(workdir, "prepare", "tiny.yaml", "data.sources=[latin1.txt]", check=False)
+    offset = len(b"def ok():\n    return 1\ncaf")
+    assert_clean_failure(proc, 2, "latin1.txt", f"byte {offset}", "encoding_errors")
+    run_cli(workdir, "prepare", "tiny.yaml", "data.sources=[latin1.txt, corpus]", "data.encoding_errors=replace")
+    meta = json.loads((workdir / "data/tiny/meta.json").read_text())
+    assert meta["sources"]["replaced_chars"] == 1
+
+
+def test_jsonl_line_that_is_not_json_names_file_and_line(workdir: Path) -> None:
+    run_cli(workdir, "prepare", "tiny.yaml")
+    before = _digest(workdir / "data/tiny")
+    lines = [json.dumps({"text": f"def f{i}(): return {i}"}) for i in range(5)]
+    lines.insert(3, "{not json")
+    (workdir / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_cli(workdir, "prepare", "tiny.yaml", "data.sources=[corpus, docs.jsonl]", check=False)
+    assert_clean_failure(proc, 2, "docs.jsonl:4")
+    assert _digest(workdir / "data/tiny") == before  # the earlier dataset dir is untouched
+
+
+def test_model_dir_whose_tokenizer_does_not_match_its_vocabulary(workdir: Path) -> None:
+    run_cli(workdir, "train", "tiny.yaml", "train.max_steps=2")
+    model = workdir / "runs/tiny/model"
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = 100
+    (model / "config.json").write_text(json.dumps(config))
+    proc = run_cli(workdir, "eval", "runs/tiny/model", check=False)
+    assert_clean_failure(proc, 2, "tokenizer.json has", "vocab_size is 100")
+
+
+def test_typo_in_a_recipe_key_suggests_the_right_one(workdir: Path) -> None:
+    text = (workdir / "tiny.yaml").read_text().replace("  lr: 3.0e-3", "  lrate: 3.0e-3")
+    (workdir / "tiny.yaml").write_text(text)
+    line = text.splitlines().index("  lrate: 3.0e-3") + 1
+    proc = run_cli(workdir, "train", "tiny.yaml", check=False)
+    assert_clean_failure(proc, 2, f"tiny.yaml:{line} train.lrate: unknown key; did you mean train.lr?")
+    assert not (workdir / "runs").exists() and not (workdir / "data").exists()  # refused before any work
+
+
+def test_negative_learning_rate(workdir: Path) -> None:
+    proc = run_cli(workdir, "train", "tiny.yaml", "train.lr=-0.001", check=False)
+    assert_clean_failure(proc, 2, "command line train.lr: must be > 0, got -0.001")
+    text = (workdir / "tiny.yaml").read_text().replace("  lr: 3.0e-3", "  lr: -3.0e-3")
+    (workdir / "tiny.yaml").write_text(text)
+    line = text.splitlines().index("  lr: -3.0e-3") + 1
+    proc = run_cli(workdir, "recipes", "validate", "tiny.yaml", "--json", check=False)
+    assert_clean_failure(proc, 2, f"tiny.yaml:{line} train.lr: must be > 0")
+    assert json.loads(proc.stdout)["error"]["kind"] == "recipe"
+
+
+def test_checkpoint_dir_that_is_not_one(workdir: Path) -> None:
+    run_cli(workdir, "train", "tiny.yaml")
+    fake = workdir / "runs/tiny/checkpoints/step-99"
+    fake.mkdir()
+    (fake / "notes.txt").write_text("not a checkpoint")
+    before = _digest(workdir / "runs/tiny")
+    proc = run_cli(workdir, "train", "tiny.yaml", "--resume", check=False)
+    assert_clean_failure(proc, 2, "step-99", "not a checkpoint")
+    assert _digest(workdir / "runs/tiny") == before
+
+
+def test_eval_of_a_dir_that_is_not_a_model_dir(workdir: Path) -> None:
+    (workdir / "nomodel").mkdir()
+    proc = run_cli(workdir, "eval", "nomodel", check=False)
+    assert_clean_failure(proc, 2, "nomodel", "not a model dir")
