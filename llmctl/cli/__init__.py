@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from llmctl import __version__
+from llmctl.cli import env as env_cmd
 from llmctl.cli import eval as eval_cmd
 from llmctl.cli import prepare as prepare_cmd
 from llmctl.cli import recipes as recipes_cmd
@@ -47,6 +48,7 @@ app.add_typer(recipes_cmd.app, name="recipes")
 app.command("prepare", epilog=prepare_cmd.EPILOG)(prepare_cmd.prepare_cli)
 app.command("train", epilog=train_cmd.EPILOG)(train_cmd.train_cli)
 app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_cli)
+app.command("env", epilog=env_cmd.EPILOG)(env_cmd.env_cli)
 
 
 def main() -> None:

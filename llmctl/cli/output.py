@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from llmctl.errors import LlmctlError
 
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False)
 
 
