@@ -23,7 +23,23 @@ def interactive() -> bool:
     return err_console.is_terminal and not os.environ.get("CI")
 
 
+def silence_unless_main() -> None:
+    """In a multi-process run only rank 0 speaks: the others print nothing at all."""
+    from llmctl.training.launch import is_main_process
+
+    if not is_main_process():
+        err_console.quiet = True
+        out_console.quiet = True
+        global _json_enabled
+        _json_enabled = False
+
+
+_json_enabled = True
+
+
 def print_json(obj: dict[str, Any]) -> None:
+    if not _json_enabled:
+        return
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
 

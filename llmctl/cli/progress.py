@@ -52,6 +52,18 @@ class StageProgress:
         self._progress.update(self._bars[stage], completed=done, total=total)
 
 
+def plan_table(plan: Any) -> Any:
+    """The memory plan as a two-column rich table."""
+    from rich.table import Table
+
+    table = Table(title="memory plan (per device)", box=None, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for label, value in plan.rows():
+        table.add_row(label, value)
+    return table
+
+
 class TrainProgress(TrainCallbacks):
     """Bar with step, loss, lr, tokens/s and ETA; eval rows printed above it."""
 
@@ -62,10 +74,13 @@ class TrainProgress(TrainCallbacks):
         self._last_plain = 0.0
 
     def on_start(self, info: dict[str, Any]) -> None:
+        err_console.print(plan_table(info["plan"]))
+        chosen = " (chosen by micro_batch_size: auto)" if info["micro_batch_auto"] else ""
         err_console.print(
             f"training {info['parameters'] / 1e6:.2f}M parameters on {info['device']} x{info['processes']} "
-            f"({info['precision']}), {info['tokens_per_step']:,} tokens/step, micro-batch "
-            f"{info['micro_batch_size']} x {info['accumulation']} accumulation -> {info['run_dir']}"
+            f"({info['precision']}, {info['strategy'] if info['processes'] > 1 else 'one process'}), "
+            f"{info['tokens_per_step']:,} tokens/step, micro-batch {info['micro_batch_size']}{chosen} x "
+            f"{info['accumulation']} accumulation -> {info['run_dir']}"
         )
         if info["start_step"]:
             err_console.print(f"resuming at step {info['start_step']}")

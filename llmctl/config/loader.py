@@ -148,7 +148,10 @@ def _did_you_mean(loc: tuple[Any, ...]) -> str:
     if model is None:
         return ""
     name = str(loc[-1])
-    close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.5)
+    fields = list(model.model_fields)
+    # A key that extends or shortens a real one (lrate, lr_) beats spelling distance (lrate ~ strategy).
+    affixed = sorted((f for f in fields if len(f) > 1 and (name.startswith(f) or f.startswith(name))), key=len, reverse=True)
+    close = affixed[:1] or difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
     parent = _dotted(loc[:-1])
     if close:
         return f"; did you mean {parent + '.' if parent else ''}{close[0]}?"

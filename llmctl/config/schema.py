@@ -132,9 +132,22 @@ class TrainConfig(_Section):
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
     lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate.")
     batch_size: int = Field(16, ge=1, description="Sequences per optimizer step, over all processes.")
-    micro_batch_size: int | None = Field(
-        None, ge=1, description="Sequences per process per forward; null means batch_size. "
-        "Gradient accumulation steps = batch_size / (micro_batch_size x processes).",
+    micro_batch_size: int | Literal["auto"] | None = Field(
+        None, description="Sequences per process per forward; null means batch_size; auto picks the largest that "
+        "fits the device's memory (or train.max_memory). Gradient accumulation steps = batch_size / "
+        "(micro_batch_size x processes).",
+    )
+    max_memory: str | int | None = Field(
+        None, description="Memory budget per device for micro_batch_size: auto, e.g. 8GiB; null uses what is free now.",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes: ddp (a full model copy per device) or fsdp (sharded; needs GPUs).",
+    )
+    devices: list[int] | None = Field(
+        None, description="GPU indices this run may use, e.g. [0, 2]; others are not touched. null uses all visible.",
+    )
+    skip_nonfinite: int = Field(
+        0, ge=0, description="Skip up to this many steps whose loss or gradient is NaN/inf (logged); 0 stops at the first.",
     )
     optimizer: Literal["adamw", "adam", "sgd", "rmsprop"] = Field("adamw", description="Optimizer.")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum for sgd and rmsprop.")
@@ -170,8 +183,22 @@ class TrainConfig(_Section):
             raise ValueError("each beta must be in [0, 1)")
         return v
 
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_readable(cls, v: str | int | None) -> str | int | None:
+        if v is not None:
+            from llmctl.training.memory import parse_memory
+
+            try:
+                parse_memory(v)
+            except Exception as e:
+                raise ValueError(getattr(e, "message", str(e))) from None
+        return v
+
     @model_validator(mode="after")
     def _micro_divides(self) -> "TrainConfig":
+        if self.micro_batch_size == "auto":
+            return self
         mb = self.micro_batch_size or self.batch_size
         if mb > self.batch_size:
             raise ValueError(f"micro_batch_size ({mb}) cannot exceed batch_size ({self.batch_size})")

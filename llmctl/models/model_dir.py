@@ -20,15 +20,30 @@ class LoadedModel:
     path: Path
 
 
-def save_model_dir(model: Any, dest: Path, *, tokenizer_path: Path, provenance: dict[str, Any]) -> None:
-    """Write a complete model dir to `dest` atomically (a crash leaves the old one or none)."""
-    from safetensors.torch import save_model
+def save_model_dir(
+    model: Any,
+    dest: Path,
+    *,
+    tokenizer_path: Path,
+    provenance: dict[str, Any],
+    state_dict: dict[str, Any] | None = None,
+) -> None:
+    """Write a complete model dir to `dest` atomically (a crash leaves the old one or none).
 
+    `state_dict` overrides the model's own (the gathered one of a sharded model); a tied output
+    head is stored once, as HF Llama does.
+    """
+    from safetensors.torch import save_file
+
+    config = model.config.to_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
+    if config.get("tie_embeddings"):
+        tensors.pop("lm_head.weight", None)
     dest = Path(dest)
     tmp = staging_dir(dest)
     try:
-        write_json_atomic(tmp / "config.json", model.config.to_dict())
-        save_model(model, str(tmp / "model.safetensors"))
+        write_json_atomic(tmp / "config.json", config)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         write_json_atomic(tmp / "llmctl.json", provenance)
         replace_dir_atomic(tmp, dest)

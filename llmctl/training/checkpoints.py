@@ -56,8 +56,16 @@ def save_checkpoint(accelerator: Any, run_dir: RunDir, step: int, state: dict[st
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
+    """Restore every process's state from `path`; a checkpoint of another model shape is refused."""
     state = check_checkpoint(path)
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LlmctlError(
+            f"{path}: cannot be loaded into this recipe's model ({first[:300]}); it was written for another "
+            "model shape or optimizer. Resume with the recipe that made it, or pass --overwrite to start over."
+        ) from None
     return state
 
 

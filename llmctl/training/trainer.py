@@ -106,6 +106,50 @@ def _same_model(run_dir: RunDir, recipe: Recipe) -> None:
         raise LlmctlError(f"--resume: {keys} differ from {run_dir.recipe}; a resumed run keeps its model shape.")
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OOM error, or the CPU allocator's (a RuntimeError saying it can't allocate)."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def _nonfinite_hint(step: int, last_checkpoint: int | None, precision: str) -> str:
+    where = f"the last good checkpoint is step-{last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    fp16 = "; fp16 overflows easily: try bf16 or fp32" if precision == "fp16" else ""
+    return (
+        f"loss or gradient became NaN/inf at step {step}; {where}. Lower train.lr, set train.grad_clip "
+        f"(e.g. 1.0), add warmup_steps{fp16}, or set train.skip_nonfinite: N to skip such batches."
+    )
+
+
+def resolve_micro_batch(recipe: Recipe, processes: int, device: str, vocab_size: int) -> tuple[int, Any]:
+    """The micro-batch to run (choosing it under `auto`) and the memory plan for it.
+
+    `vocab_size` is the dataset tokenizer's, used when the recipe leaves model.vocab_size null.
+    """
+    from llmctl.training.memory import choose_micro_batch, estimate_memory, free_device_memory, parse_memory
+
+    cfg = recipe.train
+    model_config = _model_config(recipe, vocab_size)
+    budget = parse_memory(cfg.max_memory) if cfg.max_memory is not None else free_device_memory(device)
+    micro = cfg.micro_batch_size
+    if micro == "auto":
+        if budget is None:
+            raise LlmctlError("train.micro_batch_size: auto needs train.max_memory on a device whose free memory is unknown.")
+        micro = choose_micro_batch(
+            model_config, cfg.optimizer, cfg.precision, cfg.batch_size, processes, budget,
+            strategy=cfg.strategy, device=device,
+        )
+    micro = micro or cfg.batch_size
+    plan = estimate_memory(
+        model_config, cfg.optimizer, cfg.precision, micro,
+        processes=processes, strategy=cfg.strategy, device=device, budget_bytes=budget,
+    )
+    return micro, plan
+
+
 def train(
     recipe: Recipe,
     run_dir: Path,
@@ -115,7 +159,6 @@ def train(
     callbacks: TrainCallbacks | None = None,
 ) -> TrainResult:
     """Train the recipe's model on its prepared dataset, writing the run dir of DESIGN.md."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator, PartialState
@@ -148,8 +191,11 @@ def train(
             f"({T + 1}); add data or lower model.context_length."
         )
 
-    micro = cfg.micro_batch_size or cfg.batch_size
-    world = PartialState().num_processes
+    from llmctl.training.launch import cpu_workers
+
+    distributed = PartialState(cpu=cpu_workers())
+    world = distributed.num_processes
+    micro, plan = resolve_micro_batch(recipe, world, str(distributed.device), shards.vocab_size)
     if cfg.batch_size % (micro * world):
         raise LlmctlError(
             f"train.batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size x processes "
@@ -157,12 +203,13 @@ def train(
         )
     accum = cfg.batch_size // (micro * world)
     accelerator = Accelerator(
+        cpu=cpu_workers(),
         mixed_precision=mixed,
         gradient_accumulation_steps=accum,
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if cfg.compile else "no",
     )
-    rank = accelerator.process_index
+    rank, main, device = accelerator.process_index, accelerator.is_main_process, accelerator.device
 
     set_seed(recipe.run.seed)
     model_config = _model_config(recipe, shards.vocab_size)
@@ -172,30 +219,30 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    main = accelerator.is_main_process
     metrics = MetricsLog(rd.metrics, enabled=main)
-    state: dict[str, Any] = {"tokens": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_step": None, "bad_evals": 0}
+    state: dict[str, Any] = {"tokens": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "skipped": 0}
     start_step = 0
-    if main:
-        if overwrite and rd.path.exists():
-            for child in (rd.checkpoints, rd.model.path):
-                shutil.rmtree(child, ignore_errors=True)
-            rd.metrics.unlink(missing_ok=True)
-        rd.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(rd.recipe, recipe_to_yaml(recipe))
-    accelerator.wait_for_everyone()
     if resume_from:
+        # Load before writing anything, so a refused checkpoint leaves the run dir as it was.
         saved = load_checkpoint(accelerator, resume_from[1])
         start_step = saved["step"]
         state.update({k: saved[k] for k in state if k in saved})
         metrics.truncate_after(start_step)
-    elif main:
-        rd.metrics.unlink(missing_ok=True)
+    if main:
+        if overwrite and rd.path.exists():
+            for child in (rd.checkpoints, rd.model.path):
+                shutil.rmtree(child, ignore_errors=True)
+        if not resume_from:
+            rd.metrics.unlink(missing_ok=True)
+        rd.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(rd.recipe, recipe_to_yaml(recipe))
+    accelerator.wait_for_everyone()
+    last_checkpoint = start_step or None
 
     batches = WindowBatches(train_tokens, T, cfg.batch_size, recipe.run.seed)
+    val_batches = WindowBatches(val_tokens, T, 1, recipe.run.seed)
     val_starts = eval_starts(len(val_tokens), T, cfg.eval_batches * micro)[rank::world]
     tokens_per_step = cfg.batch_size * T
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     provenance_base = {
         "llmctl_version": __version__,
@@ -204,46 +251,91 @@ def train(
         "run_dir": str(rd.path.resolve()),
     }
 
-    val_batches = WindowBatches(val_tokens, T, 1, recipe.run.seed)
-
     def evaluate() -> float:
         """Mean val loss (nats/token) over the same fixed windows every time, summed over processes."""
         model.eval()
-        total = torch.zeros(2, device=accelerator.device)  # (sum of losses, tokens)
+        total = torch.zeros(2, device=device)  # (sum of losses, tokens)
         with torch.no_grad():
             for i in range(0, len(val_starts), micro):
                 x, y = val_batches.rows(val_starts[i : i + micro])
-                x, y = x.to(accelerator.device), y.to(accelerator.device)
+                x, y = x.to(device), y.to(device)
                 with accelerator.autocast():
                     logits = model(x)  # (B, T, V)
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-                total += torch.stack([loss, torch.tensor(float(y.numel()), device=accelerator.device)])
+                total += torch.stack([loss, torch.tensor(float(y.numel()), device=device)])
         total = accelerator.reduce(total, reduction="sum")
         model.train()
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
     def save_model_to(dest: Path, step: int, extra: dict[str, Any]) -> None:
-        save_model_dir(
-            accelerator.unwrap_model(model),
-            dest,
-            tokenizer_path=dataset.tokenizer,
-            provenance={**provenance_base, "step": step, "tokens": state["tokens"], "metrics": extra},
-        )
+        """Every process joins (a sharded model is gathered); the main one writes."""
+        full_state = accelerator.get_state_dict(model)
+        if main:
+            save_model_dir(
+                accelerator.unwrap_model(model),
+                dest,
+                tokenizer_path=dataset.tokenizer,
+                provenance={**provenance_base, "step": step, "tokens": state["tokens"], "metrics": extra},
+                state_dict=full_state,
+            )
+        accelerator.wait_for_everyone()
+
+    def accumulate_gradients(step: int) -> torch.Tensor:
+        """Forward and backward over this process's micro-batches of `step`; returns the summed loss.
+
+        On out-of-memory (single process) the micro-batch is halved, accumulation doubled, and the
+        same step retried, so the global batch stays as the recipe wrote it.
+        """
+        nonlocal micro, accum
+        while True:
+            step_loss = torch.zeros((), device=device)
+            try:
+                for x, y in batches.micro_batches(step, rank, world, micro):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with accelerator.accumulate(model):
+                        logits = model(x)  # (B, T, V)
+                        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+                        accelerator.backward(loss + cfg.l1 * l1_penalty(model) if cfg.l1 else loss)
+                    step_loss += loss.detach()
+                return step_loss
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                smaller = micro // 2
+                if world > 1 or smaller < 1 or cfg.batch_size % (smaller * world):
+                    why = "several processes cannot agree on a retry" if world > 1 else "no smaller micro-batch divides the batch"
+                    raise LlmctlError(
+                        f"out of memory at step {step + 1} with micro_batch_size {micro} ({why}); "
+                        "lower train.micro_batch_size or the model size.",
+                        kind="oom", exit_code=EXIT_FAILURE,
+                    ) from None
+                del e
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.step = 0
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                micro, accum = smaller, cfg.batch_size // (smaller * world)
+                accelerator.gradient_accumulation_steps = accum
+                metrics.append({"step": step + 1, "event": "out_of_memory", "micro_batch_size": micro, "accumulation": accum})
+                cb.on_message(f"out of memory at step {step + 1}: retrying with micro-batch {micro} x {accum} accumulation")
 
     cb.on_start(
         {
             "run_dir": str(rd.path),
             "start_step": start_step,
             "max_steps": cfg.max_steps,
-            "parameters": n_params,
+            "parameters": plan.parameters,
             "processes": world,
-            "device": str(accelerator.device),
+            "device": str(device),
             "precision": cfg.precision,
+            "strategy": cfg.strategy,
             "micro_batch_size": micro,
+            "micro_batch_auto": cfg.micro_batch_size == "auto",
             "accumulation": accum,
             "tokens_per_step": tokens_per_step,
             "train_tokens": len(train_tokens),
             "val_tokens": len(val_tokens),
+            "plan": plan,
         }
     )
 
@@ -252,91 +344,89 @@ def train(
     last_loss: float | None = None
     last_val: float | None = None
     stopped_early = False
-    window_t0, window_tokens, window_start = time.perf_counter(), 0, start_step
+    window_t0, window_tokens, window_micro = time.perf_counter(), 0, 0
     run_t0 = time.perf_counter() - state["elapsed_s"]
-    loss_sum = torch.zeros((), device=accelerator.device)
-    grad_norm = torch.zeros(())
-    try:
-        while step < cfg.max_steps:
-            for x, y in batches.micro_batches(step, rank, world, micro):
-                x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
-                with accelerator.accumulate(model):
-                    logits = model(x)  # (B, T, V)
-                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-                    total = loss + cfg.l1 * l1_penalty(model) if cfg.l1 else loss
-                    accelerator.backward(total)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-            lr_of_step = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-            state["tokens"] += tokens_per_step
-            window_tokens += tokens_per_step
-            row = None
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                micro_steps = accum * (step - window_start)
-                last_loss = float(accelerator.reduce(loss_sum, reduction="mean")) / micro_steps
-                now = time.perf_counter()
-                row = {
-                    "step": step,
-                    "tokens": state["tokens"],
-                    "loss": round(last_loss, 6),
-                    "lr": lr_of_step,
-                    "grad_norm": round(float(grad_norm), 6),
-                    "tokens_per_s": round(window_tokens / max(now - window_t0, 1e-9), 1),
-                    "elapsed_s": round(now - run_t0, 3),
-                }
-                metrics.append(row)
-                loss_sum.zero_()
-                window_t0, window_tokens, window_start = now, 0, step
-            cb.on_step(step, row)
+    loss_sum = torch.zeros((), device=device)
+    while step < cfg.max_steps:
+        step_loss = accumulate_gradients(step)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+        lr_of_step = optimizer.param_groups[0]["lr"]
+        # One host sync per step: the norm of the synced gradients is the same on every process,
+        # so all of them take the same decision.
+        finite = math.isfinite(float(grad_norm))
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        state["tokens"] += tokens_per_step
+        window_tokens += tokens_per_step
+        if not finite:
+            state["skipped"] += 1
+            if state["skipped"] > cfg.skip_nonfinite:
+                raise LlmctlError(_nonfinite_hint(step, last_checkpoint, cfg.precision), kind="nonfinite", exit_code=EXIT_FAILURE)
+            metrics.append({"step": step, "event": "nonfinite_skipped", "skipped": state["skipped"]})
+            cb.on_message(f"step {step}: loss or gradient is NaN/inf; batch skipped ({state['skipped']} of at most {cfg.skip_nonfinite})")
+        else:
+            loss_sum += step_loss
+            window_micro += accum
+        row = None
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            last_loss = float(accelerator.reduce(loss_sum, reduction="mean")) / max(window_micro, 1)
+            now = time.perf_counter()
+            row = {
+                "step": step,
+                "tokens": state["tokens"],
+                "loss": round(last_loss, 6),
+                "lr": lr_of_step,
+                "grad_norm": round(float(grad_norm), 6),
+                "tokens_per_s": round(window_tokens / max(now - window_t0, 1e-9), 1),
+                "elapsed_s": round(now - run_t0, 3),
+            }
+            metrics.append(row)
+            loss_sum.zero_()
+            window_t0, window_tokens, window_micro = now, 0, 0
+        cb.on_step(step, row)
 
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                last_val = evaluate()
-                eval_row = {
-                    "step": step,
-                    "tokens": state["tokens"],
-                    "val_loss": round(last_val, 6),
-                    "val_ppl": round(math.exp(min(last_val, 50.0)), 4),
-                    "elapsed_s": round(time.perf_counter() - run_t0, 3),
-                }
-                best = state["best_val_loss"]
-                if best is None or last_val < best - cfg.min_delta:
-                    state.update(best_val_loss=last_val, best_step=step, bad_evals=0)
-                    if main:
-                        save_model_to(rd.best.path, step, {"val_loss": last_val})
-                else:
-                    state["bad_evals"] += 1
-                eval_row["best_val_loss"] = round(state["best_val_loss"], 6)
-                metrics.append(eval_row)
-                cb.on_eval(eval_row)
-                if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
-                    stopped_early = True
-                    cb.on_message(
-                        f"early stopping at step {step}: val loss has not improved by {cfg.min_delta} "
-                        f"for {cfg.patience} evaluations (best {state['best_val_loss']:.4f} at step {state['best_step']})"
-                    )
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            last_val = evaluate()
+            eval_row = {
+                "step": step,
+                "tokens": state["tokens"],
+                "val_loss": round(last_val, 6),
+                "val_ppl": round(math.exp(min(last_val, 50.0)), 4),
+                "elapsed_s": round(time.perf_counter() - run_t0, 3),
+            }
+            best = state["best_val_loss"]
+            if best is None or last_val < best - cfg.min_delta:
+                state.update(best_val_loss=last_val, best_step=step, bad_evals=0)
+                save_model_to(rd.best.path, step, {"val_loss": last_val})
+            else:
+                state["bad_evals"] += 1
+            eval_row["best_val_loss"] = round(state["best_val_loss"], 6)
+            metrics.append(eval_row)
+            cb.on_eval(eval_row)
+            if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
+                stopped_early = True
+                cb.on_message(
+                    f"early stopping at step {step}: val loss has not improved by {cfg.min_delta} "
+                    f"for {cfg.patience} evaluations (best {state['best_val_loss']:.4f} at step {state['best_step']})"
+                )
 
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopped_early:
-                state["elapsed_s"] = time.perf_counter() - run_t0
-                save_checkpoint(accelerator, rd, step, state, cfg.keep_checkpoints)
-            if stopped_early:
-                break
-    except torch.OutOfMemoryError as e:
-        raise LlmctlError(
-            f"out of memory at step {step + 1} ({e}); lower train.micro_batch_size.", kind="oom", exit_code=EXIT_FAILURE
-        ) from None
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopped_early:
+            state["elapsed_s"] = time.perf_counter() - run_t0
+            save_checkpoint(accelerator, rd, step, state, cfg.keep_checkpoints)
+            last_checkpoint = step
+        if stopped_early:
+            break
 
     state["elapsed_s"] = time.perf_counter() - run_t0
     final_metrics = {"loss": last_loss, "val_loss": last_val, "best_val_loss": state["best_val_loss"], "best_step": state["best_step"]}
-    if main:
-        if cfg.keep_best and rd.best.path.is_dir():
+    if cfg.keep_best and rd.best.path.is_dir():
+        if main:
             copy_model_dir(rd.best.path, rd.model.path)
-        else:
-            save_model_to(rd.model.path, step, final_metrics)
+    else:
+        save_model_to(rd.model.path, step, final_metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(
@@ -350,4 +440,5 @@ def train(
         best_step=state["best_step"],
         stopped_early=stopped_early,
         elapsed_s=state["elapsed_s"],
+        extra={"micro_batch_size": micro, "accumulation": accum, "skipped_nonfinite": state["skipped"]},
     )

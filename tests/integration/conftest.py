@@ -57,15 +57,19 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_cli(cwd: Path, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run `python -m llmctl ARGS` in `cwd` as a user would, with output captured."""
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+def _run(cwd: Path, env: dict[str, str], args: tuple[str, ...], check: bool, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **env}
     proc = subprocess.run(
         [sys.executable, "-m", "llmctl", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"llmctl {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def run_cli(cwd: Path, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `python -m llmctl ARGS` in `cwd` as a user would, with output captured."""
+    return _run(cwd, {}, args, check, timeout)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -78,3 +82,12 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, code: int, *needles:
     assert "Traceback" not in proc.stderr + proc.stdout
     for needle in needles:
         assert needle in proc.stderr, (needle, proc.stderr)
+
+
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def run_cli_with(cwd: Path, env_extra: dict[str, str], *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real CLI with tests/integration/faults on PYTHONPATH (fault injection, tracing)."""
+    path = os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))
+    return _run(cwd, {"PYTHONPATH": path, **env_extra}, args, check, timeout)

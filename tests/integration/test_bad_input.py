@@ -90,3 +90,39 @@ def test_eval_of_a_dir_that_is_not_a_model_dir(workdir: Path) -> None:
     (workdir / "nomodel").mkdir()
     proc = run_cli(workdir, "eval", "nomodel", check=False)
     assert_clean_failure(proc, 2, "nomodel", "not a model dir")
+
+
+def test_nproc_zero(workdir: Path) -> None:
+    proc = run_cli(workdir, "train", "tiny.yaml", "--nproc", "0", check=False)
+    assert proc.returncode == 2 and "--nproc" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_more_devices_than_the_machine_has(workdir: Path) -> None:
+    proc = run_cli(workdir, "train", "tiny.yaml", "--devices", "0,7", check=False)
+    assert_clean_failure(proc, 2, "--devices asks for GPU")
+    proc = run_cli(workdir, "train", "tiny.yaml", "--devices", "zero", check=False)
+    assert_clean_failure(proc, 2, "--devices 'zero'")
+
+
+def test_accelerate_config_that_does_not_parse(workdir: Path) -> None:
+    (workdir / "acc.yaml").write_text("compute_environment: [LOCAL_MACHINE\n  num_processes: 2\n")
+    proc = run_cli(workdir, "train", "tiny.yaml", "--accelerate-config", "acc.yaml", check=False)
+    assert_clean_failure(proc, 2, "--accelerate-config acc.yaml: not a valid Accelerate config")
+    assert not (workdir / "runs").exists()
+
+
+def test_resume_without_a_checkpoint(workdir: Path) -> None:
+    proc = run_cli(workdir, "train", "tiny.yaml", "--resume", check=False)
+    assert_clean_failure(proc, 2, "no checkpoint to resume from")
+
+
+def test_checkpoint_from_a_different_model_shape(workdir: Path) -> None:
+    run_cli(workdir, "train", "tiny.yaml")
+    proc = run_cli(workdir, "train", "tiny.yaml", "model.d_model=64", "--resume", check=False)
+    assert_clean_failure(proc, 2, "model.d_model", "differ")
+    # Even without the run's recipe.yaml to compare with, loading the weights refuses it.
+    (workdir / "runs/tiny/recipe.yaml").unlink()
+    before = _digest(workdir / "runs/tiny")
+    proc = run_cli(workdir, "train", "tiny.yaml", "model.d_model=64", "--resume", check=False)
+    assert_clean_failure(proc, 2, "cannot be loaded into this recipe's model")
+    assert _digest(workdir / "runs/tiny") == before

@@ -1,0 +1,95 @@
+"""Test-only fault injection and tracing for the real `llmctl` CLI, in every process it starts.
+
+Tests put this folder first on PYTHONPATH, so Python imports it at start-up in the CLI and in
+each worker `accelerate launch` starts. It does nothing unless LLMCTL_TEST_FAULT or
+LLMCTL_TEST_TRACE is set:
+
+  LLMCTL_TEST_FAULT=oom-above:N        a training forward with more than N rows raises torch.OutOfMemoryError
+  LLMCTL_TEST_FAULT=nan-at:K           the K-th training forward returns NaN logits
+  LLMCTL_TEST_FAULT=die-before-rename:K  the K-th checkpoint dies (exit 137) after it is written, before its rename
+  LLMCTL_TEST_TRACE=DIR                each rank appends to DIR/rank-R.jsonl (rank-parent.jsonl outside workers) the batch rows it reads and the files
+                                       it opens for writing (through an audit hook)
+"""
+
+import json
+import os
+import sys
+
+_fault = os.environ.get("LLMCTL_TEST_FAULT", "")
+_trace = os.environ.get("LLMCTL_TEST_TRACE", "")
+
+
+def _install() -> None:
+    rank = os.environ.get("RANK", "parent")
+    if _trace:
+        out_fd = os.open(os.path.join(_trace, f"rank-{rank}.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+        def record(obj):
+            os.write(out_fd, (json.dumps(obj) + "\n").encode())
+
+        def audit(event, args):
+            if event != "open" or not args:
+                return
+            path, mode, flags = (list(args) + [None, None])[:3]
+            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            )
+            if writes and isinstance(path, (str, bytes, os.PathLike)):
+                record({"write": os.path.abspath(os.fsdecode(path))})
+
+        sys.addaudithook(audit)
+
+        from llmctl.training import batches
+
+        original = batches.WindowBatches.micro_batches
+
+        def traced(self, step, rank_, world, micro):
+            out = original(self, step, rank_, world, micro)
+            per_rank = self.batch_size // world
+            starts = self.starts(step)[rank_ * per_rank : (rank_ + 1) * per_rank]
+            record({"step": step, "rank": rank_, "world": world, "starts": [int(s) for s in starts]})
+            return out
+
+        batches.WindowBatches.micro_batches = traced
+
+    if not _fault:
+        return
+    kind, _, arg = _fault.partition(":")
+    n = int(arg)
+    if kind in {"oom-above", "nan-at"}:
+        import torch
+
+        from llmctl.models import gpt
+
+        forward = gpt.GPT.forward
+        calls = [0]
+
+        def faulty(self, input_ids, *args, **kwargs):
+            if self.training:
+                calls[0] += 1
+                if kind == "oom-above" and input_ids.shape[0] > n:
+                    raise torch.OutOfMemoryError(f"injected: {input_ids.shape[0]} rows > {n}")
+                if kind == "nan-at" and calls[0] == n:
+                    return forward(self, input_ids, *args, **kwargs) * float("nan")
+            return forward(self, input_ids, *args, **kwargs)
+
+        gpt.GPT.forward = faulty
+    elif kind == "die-before-rename":
+        from llmctl.training import checkpoints
+
+        replace = checkpoints.replace_dir_atomic
+        calls = [0]
+
+        def dying(tmp, final):
+            calls[0] += 1
+            if calls[0] == n:
+                os._exit(137)
+            return replace(tmp, final)
+
+        checkpoints.replace_dir_atomic = dying
+    else:
+        raise SystemExit(f"LLMCTL_TEST_FAULT: unknown fault {_fault!r}")
+
+
+if _fault or _trace:
+    _install()
