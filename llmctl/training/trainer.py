@@ -150,6 +150,30 @@ def resolve_micro_batch(recipe: Recipe, processes: int, device: str, vocab_size:
     return micro, plan
 
 
+def _probe_on_gpu(accelerator: Any, model: Any, batches: Any, recipe: Recipe, world: int, estimated: int, plan: Any) -> tuple[int, Any]:
+    """On CUDA, `auto` tries real steps from twice the estimate down; returns the size and its plan."""
+    import torch.nn.functional as F
+
+    from llmctl.training.autobatch import compatible_micro_batches, probe_micro_batch
+    from llmctl.training.memory import estimate_memory
+
+    starts = batches.starts(0)
+
+    def step_loss(m: Any, size: int) -> Any:
+        x, y = batches.rows(starts[:size])
+        x, y = x.to(accelerator.device), y.to(accelerator.device)
+        with accelerator.autocast():
+            logits = m(x)  # (B, T, V)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+    candidates = [c for c in compatible_micro_batches(recipe.train.batch_size, world) if c <= 2 * estimated]
+    micro = probe_micro_batch(accelerator, model, step_loss, candidates, plan.optimizer_bytes)
+    return micro, estimate_memory(
+        accelerator.unwrap_model(model).config.to_dict(), recipe.train.optimizer, recipe.train.precision, micro, processes=world,
+        strategy=recipe.train.strategy, device=str(accelerator.device), budget_bytes=plan.budget_bytes,
+    )
+
+
 def train(
     recipe: Recipe,
     run_dir: Path,
@@ -218,6 +242,11 @@ def train(
     scheduler = build_schedule(optimizer, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    batches = WindowBatches(train_tokens, T, cfg.batch_size, recipe.run.seed)
+    if cfg.micro_batch_size == "auto" and device.type == "cuda":
+        micro, plan = _probe_on_gpu(accelerator, model, batches, recipe, world, micro, plan)
+        accum = cfg.batch_size // (micro * world)
+        accelerator.gradient_accumulation_steps = accum
 
     metrics = MetricsLog(rd.metrics, enabled=main)
     state: dict[str, Any] = {"tokens": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "skipped": 0}
@@ -239,7 +268,6 @@ def train(
     accelerator.wait_for_everyone()
     last_checkpoint = start_step or None
 
-    batches = WindowBatches(train_tokens, T, cfg.batch_size, recipe.run.seed)
     val_batches = WindowBatches(val_tokens, T, 1, recipe.run.seed)
     val_starts = eval_starts(len(val_tokens), T, cfg.eval_batches * micro)[rank::world]
     tokens_per_step = cfg.batch_size * T
