@@ -214,3 +214,40 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
             except json.JSONDecodeError:
                 continue
+
+
+@dataclass(frozen=True)
+class StudyDir:
+    """`tune`'s output: the Optuna storage, one run dir per trial, the best recipe, a table and plots."""
+
+    path: Path
+
+    @property
+    def storage_file(self) -> Path:
+        return self.path / "study.db"
+
+    @property
+    def spec(self) -> Path:
+        return self.path / "spec.json"
+
+    @property
+    def trials(self) -> Path:
+        return self.path / "trials"
+
+    def trial(self, number: int) -> Path:
+        return self.trials / f"trial-{number:04d}"
+
+    @property
+    def best_recipe(self) -> Path:
+        return self.path / "best.yaml"
+
+    @property
+    def trials_csv(self) -> Path:
+        return self.path / "trials.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    def plot(self, name: str) -> Path:
+        return self.path / f"{name}.png"

@@ -16,6 +16,7 @@ from llmctl.cli import eval as eval_cmd
 from llmctl.cli import prepare as prepare_cmd
 from llmctl.cli import recipes as recipes_cmd
 from llmctl.cli import train as train_cmd
+from llmctl.cli import tune as tune_cmd
 
 app = typer.Typer(
     name="llmctl",
@@ -47,6 +48,7 @@ def _root(
 app.add_typer(recipes_cmd.app, name="recipes")
 app.command("prepare", epilog=prepare_cmd.EPILOG)(prepare_cmd.prepare_cli)
 app.command("train", epilog=train_cmd.EPILOG)(train_cmd.train_cli)
+app.command("tune", epilog=tune_cmd.EPILOG)(tune_cmd.tune_cli)
 app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_cli)
 app.command("env", epilog=env_cmd.EPILOG)(env_cmd.env_cli)
 

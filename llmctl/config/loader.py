@@ -183,6 +183,10 @@ def validate_recipe(
             loc = tuple(err["loc"])
             key = _dotted(loc) or "(top level)"
             text = _describe(err)
+            # A check of a mapping's keys (tune.space) names the key first: point at its own line.
+            head, sep, rest = text.partition(": ")
+            if sep and f"{key}.{head}" in (lines or {}):
+                key, text = f"{key}.{head}", rest
             if err["type"] == "extra_forbidden":
                 text += _did_you_mean(loc)
             problems.append(f"{_where(key, source, lines or {}, overridden or set())} {key}: {text}")

@@ -7,7 +7,7 @@ and the shipped recipes' comments follow its descriptions.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -207,6 +207,65 @@ class TrainConfig(_Section):
         return self
 
 
+class Distribution(_Section):
+    """How `tune` samples one recipe key."""
+
+    type: Literal["float", "int", "categorical"] = Field(description="float, int or categorical.")
+    low: float | None = Field(None, description="Lowest value (float, int).")
+    high: float | None = Field(None, description="Highest value (float, int).")
+    log: bool = Field(False, description="Sample on a log scale (needs low > 0).")
+    step: float | None = Field(None, gt=0, description="Spacing of the values (int: default 1; float: none).")
+    choices: list[Any] | None = Field(None, description="The values of a categorical.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Distribution":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical needs a non-empty choices list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} needs low and high")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) is above high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got low {self.low:g}")
+        if self.log and self.step is not None and self.type == "float":
+            raise ValueError("a float cannot have both log and step")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("an int needs integer low and high")
+        return self
+
+
+class TuneConfig(_Section):
+    space: dict[str, Distribution] = Field(
+        default_factory=dict, description="Dotted recipe key -> distribution, e.g. train.lr: {type: float, low: 1e-4, high: 1e-1, log: true}.",
+    )
+    objective: str = Field("val_loss", description="What each trial is scored on: a field of the eval rows of metrics.jsonl.")
+    direction: Literal["minimize", "maximize"] = Field("minimize", description="Whether lower or higher objective is better.")
+    trials: int = Field(20, ge=1, description="Trials in the study in all (a rerun continues up to this total).")
+    timeout_s: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds; null: no limit.")
+    max_steps: int | None = Field(None, ge=1, description="Training steps per trial; null keeps train.max_steps.")
+    sampler: Literal["tpe", "random", "grid", "cmaes"] = Field("tpe", description="Optuna sampler.")
+    startup_trials: int = Field(5, ge=0, description="Random trials before TPE/CMA-ES starts modelling.")
+    pruner: Literal["median", "hyperband", "successive_halving", "none"] = Field(
+        "median", description="Optuna pruner that stops unpromising trials at their evaluations."
+    )
+    pruner_startup_trials: int = Field(2, ge=0, description="Median pruner: trials to finish before any is pruned.")
+    pruner_warmup_steps: int = Field(0, ge=0, description="Median pruner: do not prune a trial before this training step.")
+    seed: int | None = Field(None, ge=0, description="Sampler seed; null uses run.seed.")
+    heartbeat_s: int = Field(10, ge=1, description="Workers' heartbeat; a trial silent for 3 heartbeats is failed and retried.")
+    retries: int = Field(1, ge=0, description="How often a trial whose worker died is retried.")
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _known_keys(cls, v: Any) -> Any:
+        for key in v if isinstance(v, dict) else ():
+            problem = unknown_recipe_key(key)
+            if problem:
+                raise ValueError(f"{key}: {problem}")
+        return v
+
+
 class Recipe(_Section):
     """A whole recipe: one section per step."""
 
@@ -214,6 +273,7 @@ class Recipe(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @property
     def name(self) -> str:
@@ -222,3 +282,22 @@ class Recipe(_Section):
 
     def data_dir(self) -> Path:
         return Path(self.data.dir) if self.data.dir else Path("data") / self.name
+
+
+def unknown_recipe_key(dotted: str) -> str | None:
+    """None when `dotted` (e.g. train.lr) names a recipe setting; else what is wrong, with a suggestion."""
+    import difflib
+
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        return "expected section.key, e.g. train.lr"
+    section, key = parts
+    sections = {name: f.annotation for name, f in Recipe.model_fields.items() if name != "tune"}
+    if section not in sections:
+        close = difflib.get_close_matches(section, list(sections), n=1)
+        return f"unknown section {section!r}" + (f"; did you mean {close[0]}?" if close else "")
+    fields = list(sections[section].model_fields)
+    if key not in fields:
+        close = [f for f in fields if key.startswith(f) or f.startswith(key)] or difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+        return "unknown recipe key" + (f"; did you mean {section}.{close[0]}?" if close else "")
+    return None

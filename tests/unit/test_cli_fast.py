@@ -179,7 +179,7 @@ def test_recipes_schema_is_json_schema_with_bounds_and_help(tmp_path):
     result = llmctl_run("recipes", "schema", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     schema = json.loads(result.stdout)
-    assert set(schema["properties"]) == {"run", "data", "model", "train"}
+    assert set(schema["properties"]) == {"run", "data", "model", "train", "tune"}
     lr = schema["$defs"]["TrainConfig"]["properties"]["lr"]
     assert lr["exclusiveMinimum"] == 0 and lr["default"] == 1e-3 and lr["description"]
 
@@ -204,7 +204,7 @@ def test_train_refuses_resume_with_overwrite(tmp_path, tiny_recipe):
 
 def test_bash_completion_of_a_recipe_name(tmp_path):
     got = complete(tmp_path, _LLMCTL_COMPLETE="complete_bash", COMP_WORDS="llmctl recipes show t", COMP_CWORD="3")
-    assert got == ["tiny-gpt"]
+    assert got == ["tiny-gpt", "tiny-gpt-tune"]  # every name starting with "t", no other
 
 
 def test_bash_completion_of_subcommands(tmp_path):

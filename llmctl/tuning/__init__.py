@@ -1,0 +1,1 @@
+"""Hyperparameter search: Optuna studies built from a recipe's `tune` section."""

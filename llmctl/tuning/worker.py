@@ -1,0 +1,129 @@
+"""One tuning worker: a process that runs trials of a shared study until the study has enough.
+
+`llmctl tune` starts `--jobs` of these (python -m llmctl.tuning.worker SPEC SLOT), each with its
+own devices (CUDA_VISIBLE_DEVICES) or share of CPU threads. Each trial is an ordinary
+`train()` run of the recipe with the trial's overrides, in the trial's own run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import LlmctlError
+from llmctl.training.trainer import TrainCallbacks
+
+
+def suggest_overrides(trial: Any, space: dict[str, Any]) -> list[str]:
+    """Sample every key of the space on `trial`; return them as section.key=value overrides."""
+    out = []
+    for key, dist in space.items():
+        if dist.type == "float":
+            value = trial.suggest_float(key, dist.low, dist.high, log=dist.log, step=dist.step)
+        elif dist.type == "int":
+            value = trial.suggest_int(key, int(dist.low), int(dist.high), step=int(dist.step or 1), log=dist.log)
+        else:
+            value = trial.suggest_categorical(key, dist.choices)
+        out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
+class TrialReporter(TrainCallbacks):
+    """Reports the objective at each evaluation; raises TrialPruned when the pruner says so."""
+
+    def __init__(self, trial: Any, objective: str, direction: str, parent_pid: int | None):
+        self.trial = trial
+        self.objective = objective
+        self.sign = 1 if direction == "minimize" else -1
+        self.parent_pid = parent_pid
+        self.best: float | None = None
+
+    def on_step(self, step: int, row: dict[str, Any] | None) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            # `llmctl tune` is gone (killed): stop at once; the heartbeat stops and the trial is
+            # retried when the study is resumed.
+            raise SystemExit(1)
+
+    def on_eval(self, row: dict[str, Any]) -> None:
+        import optuna
+
+        if self.objective not in row:
+            have = ", ".join(k for k in row if k not in {"step", "tokens", "elapsed_s"})
+            raise LlmctlError(f"tune.objective {self.objective!r} is not reported by evaluation (it reports {have}).")
+        value = float(row[self.objective])
+        if not math.isfinite(value):
+            raise LlmctlError(f"diverged: {self.objective} is {value} at step {row['step']}", kind="nonfinite")
+        if self.best is None or self.sign * value < self.sign * self.best:
+            self.best = value
+        self.trial.report(value, row["step"])
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {row['step']} ({self.objective} {value:.4g})")
+
+
+def run_trial(trial: Any, spec: dict[str, Any]) -> float:
+    """The objective: train the recipe with this trial's values; its best evaluated objective."""
+    from llmctl.artifacts import StudyDir
+    from llmctl.config.loader import load_recipe
+    from llmctl.training.trainer import train
+
+    base = load_recipe(spec["recipe"], spec["overrides"])
+    run_dir = StudyDir(Path(spec["study_dir"])).trial(trial.number)
+    trial.set_user_attr("run_dir", str(run_dir))
+    budget = [f"train.max_steps={base.tune.max_steps}"] if base.tune.max_steps else []
+    reporter = TrialReporter(trial, base.tune.objective, base.tune.direction, spec.get("parent_pid"))
+    try:
+        overrides = suggest_overrides(trial, base.tune.space)
+        recipe = load_recipe(spec["recipe"], [*spec["overrides"], *budget, *overrides])
+        train(recipe, run_dir, overwrite=True, callbacks=reporter)
+    except LlmctlError as e:
+        trial.set_user_attr("fail_reason", e.message)
+        raise
+    except Exception as e:
+        import optuna
+
+        if not isinstance(e, optuna.TrialPruned):
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
+        raise
+    if reporter.best is None:
+        raise LlmctlError("the trial finished without an evaluation; lower train.eval_every.")
+    return reporter.best
+
+
+def work(spec_path: Path, slot: int) -> int:
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    os.chdir(spec["cwd"])
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from llmctl.config.loader import load_recipe
+    from llmctl.tuning.study import count_finished, open_storage, open_study
+
+    recipe = load_recipe(spec["recipe"], spec["overrides"])
+    storage = open_storage(spec["storage"], recipe.tune)
+    study = open_study(recipe, storage, seed_offset=1000 * slot + len(study_trials(storage, recipe.name)))
+    deadline = spec.get("deadline")
+    while count_finished(study) < spec["trials"]:
+        if deadline is not None and time.time() >= deadline:
+            break
+        if os.getppid() != spec["parent_pid"]:
+            return 1
+        study.optimize(lambda t: run_trial(t, spec), n_trials=1, catch=(Exception,))
+    return 0
+
+
+def study_trials(storage: Any, name: str) -> list[Any]:
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
+if __name__ == "__main__":
+    sys.exit(work(Path(sys.argv[1]), int(sys.argv[2])))
