@@ -74,6 +74,8 @@ def run_trial(trial: Any, spec: dict[str, Any]) -> float:
     base = load_recipe(spec["recipe"], spec["overrides"])
     run_dir = StudyDir(Path(spec["study_dir"])).trial(trial.number)
     trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("worker", {"slot": spec.get("slot"), "pid": os.getpid(), "threads": _threads(),
+                                   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
     budget = [f"train.max_steps={base.tune.max_steps}"] if base.tune.max_steps else []
     reporter = TrialReporter(trial, base.tune.objective, base.tune.direction, spec.get("parent_pid"))
     try:
@@ -94,8 +96,14 @@ def run_trial(trial: Any, spec: dict[str, Any]) -> float:
     return reporter.best
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def work(spec_path: Path, slot: int) -> int:
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    spec = {**json.loads(Path(spec_path).read_text(encoding="utf-8")), "slot": slot}
     os.chdir(spec["cwd"])
     import torch
 

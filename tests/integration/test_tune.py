@@ -155,3 +155,16 @@ def test_bad_search_spaces_are_refused_with_file_line_and_key(workdir: Path, spa
 def test_a_storage_url_that_cannot_be_opened(tune_dir: Path) -> None:
     proc = run_cli(tune_dir, "tune", "tune.yaml", "--storage", "sqlite:////nonexistent/dir/study.db", check=False)
     assert_clean_failure(proc, 2, "--storage sqlite:////nonexistent/dir/study.db: cannot be opened")
+
+
+def test_parallel_jobs_run_in_their_own_processes_with_a_share_of_the_cores(tune_dir: Path) -> None:
+    (tune_dir / "tune.yaml").write_text(TUNE.format(trials=4).replace("pruner_startup_trials: 2", "pruner_startup_trials: 10"))
+    run_cli(tune_dir, "tune", "tune.yaml", "--jobs", "2", timeout=600)
+    trials = _study(tune_dir).get_trials()
+    counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or "fail_reason" in t.user_attrs]
+    assert len(counted) >= 4
+    workers = [t.user_attrs["worker"] for t in trials]
+    assert {w["slot"] for w in workers} == {0, 1}
+    assert len({w["pid"] for w in workers}) == 2 and os.getpid() not in {w["pid"] for w in workers}
+    cores = len(os.sched_getaffinity(0))
+    assert all(w["threads"] == max(1, cores // 2) for w in workers)
