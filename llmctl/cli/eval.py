@@ -49,8 +49,6 @@ def eval_cli(
 
 
 def run_eval(model_dir: Path, data: Path | None, text: list[Path], split: str, max_tokens: int | None, batch_size: int) -> dict:
-    import torch  # noqa: F401  (fail here, not mid-way, if torch is broken)
-
     from llmctl.artifacts import DatasetDir
     from llmctl.data.shards import TokenShards
     from llmctl.data.tokenizer import eot_id, token_byte_lengths

@@ -53,7 +53,6 @@ def storage_url(study_dir: StudyDir, given: str | None) -> str:
 
 def open_storage(url: str, tune: TuneConfig) -> Any:
     """An Optuna storage with heartbeat and retry of dead workers' trials; exit 2 if it cannot be opened."""
-    import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     quiet_optuna()
