@@ -36,8 +36,9 @@ def suggest_overrides(trial: Any, space: dict[str, Any]) -> list[str]:
 class TrialReporter(TrainCallbacks):
     """Reports the objective at each evaluation; raises TrialPruned when the pruner says so."""
 
-    def __init__(self, trial: Any, objective: str, direction: str, parent_pid: int | None):
+    def __init__(self, trial: Any, objective: str, direction: str, parent_pid: int | None, max_steps: int):
         self.trial = trial
+        self.max_steps = max_steps
         self.objective = objective
         self.sign = 1 if direction == "minimize" else -1
         self.parent_pid = parent_pid
@@ -61,7 +62,8 @@ class TrialReporter(TrainCallbacks):
         if self.best is None or self.sign * value < self.sign * self.best:
             self.best = value
         self.trial.report(value, row["step"])
-        if self.trial.should_prune():
+        # Pruning at the last evaluation would save nothing and hide a fully trained trial.
+        if row["step"] < self.max_steps and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {row['step']} ({self.objective} {value:.4g})")
 
 
@@ -77,7 +79,9 @@ def run_trial(trial: Any, spec: dict[str, Any]) -> float:
     trial.set_user_attr("worker", {"slot": spec.get("slot"), "pid": os.getpid(), "threads": _threads(),
                                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
     budget = [f"train.max_steps={base.tune.max_steps}"] if base.tune.max_steps else []
-    reporter = TrialReporter(trial, base.tune.objective, base.tune.direction, spec.get("parent_pid"))
+    reporter = TrialReporter(
+        trial, base.tune.objective, base.tune.direction, spec.get("parent_pid"), base.tune.max_steps or base.train.max_steps
+    )
     try:
         overrides = suggest_overrides(trial, base.tune.space)
         recipe = load_recipe(spec["recipe"], [*spec["overrides"], *budget, *overrides])
