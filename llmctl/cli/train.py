@@ -65,9 +65,16 @@ def train_cli(
 
         if not launched():
             run_prepare(resolved)  # a launched run's parent prepared it once, before starting workers
+        from llmctl.tuning.distributed import RankZeroTrialReporter, TrialStopped, trial_context
+
         progress = TrainProgress()
+        context = trial_context()
+        callbacks = RankZeroTrialReporter(context, progress) if context else progress
         try:
-            result = train(resolved, target, resume=resume, overwrite=overwrite, callbacks=progress)
+            result = train(resolved, target, resume=resume, overwrite=overwrite, callbacks=callbacks)
+        except TrialStopped as stopped:
+            say(str(stopped))
+            return
         finally:
             progress.close()
         best = f", best val loss {result.best_val_loss:.4f} at step {result.best_step}" if result.best_val_loss else ""

@@ -133,7 +133,7 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate.")
     batch_size: int = Field(16, ge=1, description="Sequences per optimizer step, over all processes.")
     micro_batch_size: int | Literal["auto"] | None = Field(
-        None, description="Sequences per process per forward; null means batch_size; auto picks the largest that "
+        None, description="Sequences per process per forward; null means batch_size / processes; auto picks the largest that "
         "fits the device's memory (or train.max_memory). Gradient accumulation steps = batch_size / "
         "(micro_batch_size x processes).",
     )
@@ -166,7 +166,7 @@ class TrainConfig(_Section):
     )
     compile: bool = Field(False, description="Run the model through torch.compile (first step slower).")
     eval_every: int = Field(100, ge=1, description="Evaluate on the val split every N steps (and at the end).")
-    eval_batches: int = Field(20, ge=1, description="Micro-batches of val data per evaluation.")
+    eval_batches: int = Field(20, ge=1, description="Micro-batches of val data per process per evaluation.")
     log_every: int = Field(10, ge=1, description="Write a metrics.jsonl row every N steps.")
     checkpoint_every: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest K step checkpoints; the best model is kept apart.")
@@ -253,6 +253,9 @@ class TuneConfig(_Section):
     pruner_startup_trials: int = Field(2, ge=0, description="Median pruner: trials to finish before any is pruned.")
     pruner_warmup_steps: int = Field(0, ge=0, description="Median pruner: do not prune a trial before this training step.")
     seed: int | None = Field(None, ge=0, description="Sampler seed; null uses run.seed.")
+    nproc_per_trial: int = Field(
+        1, ge=1, description="Processes per trial (llmctl train --nproc); rank 0 talks to Optuna and all ranks prune together.",
+    )
     heartbeat_s: int = Field(10, ge=1, description="Workers' heartbeat; a trial silent for 3 heartbeats is failed and retried.")
     retries: int = Field(1, ge=0, description="How often a trial whose worker died is retried.")
 

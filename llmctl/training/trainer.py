@@ -142,7 +142,10 @@ def resolve_micro_batch(recipe: Recipe, processes: int, device: str, vocab_size:
             model_config, cfg.optimizer, cfg.precision, cfg.batch_size, processes, budget,
             strategy=cfg.strategy, device=device,
         )
-    micro = micro or cfg.batch_size
+    if micro is None:
+        if cfg.batch_size % processes:
+            raise LlmctlError(f"train.batch_size ({cfg.batch_size}) must be a multiple of the process count ({processes}).")
+        micro = cfg.batch_size // processes  # each process its share of the batch, no accumulation
     plan = estimate_memory(
         model_config, cfg.optimizer, cfg.precision, micro,
         processes=processes, strategy=cfg.strategy, device=device, budget_bytes=budget,
@@ -269,7 +272,7 @@ def train(
     last_checkpoint = start_step or None
 
     val_batches = WindowBatches(val_tokens, T, 1, recipe.run.seed)
-    val_starts = eval_starts(len(val_tokens), T, cfg.eval_batches * micro)[rank::world]
+    val_starts = eval_starts(len(val_tokens), T, cfg.eval_batches * micro * world)[rank::world]
     tokens_per_step = cfg.batch_size * T
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     provenance_base = {

@@ -85,6 +85,8 @@ def run_trial(trial: Any, spec: dict[str, Any]) -> float:
     try:
         overrides = suggest_overrides(trial, base.tune.space)
         recipe = load_recipe(spec["recipe"], [*spec["overrides"], *budget, *overrides])
+        if base.tune.nproc_per_trial > 1:
+            return _run_launched_trial(trial, spec, base, [*spec["overrides"], *budget, *overrides], run_dir)
         train(recipe, run_dir, overwrite=True, callbacks=reporter)
     except LlmctlError as e:
         trial.set_user_attr("fail_reason", e.message)
@@ -98,6 +100,46 @@ def run_trial(trial: Any, spec: dict[str, Any]) -> float:
     if reporter.best is None:
         raise LlmctlError("the trial finished without an evaluation; lower train.eval_every.")
     return reporter.best
+
+
+def _run_launched_trial(trial: Any, spec: dict[str, Any], base: Any, overrides: list[str], run_dir: Path) -> float:
+    """Train the trial with `llmctl train --nproc N`; its rank 0 reports to this trial."""
+    import subprocess
+
+    import optuna
+
+    from llmctl.artifacts import RunDir, iter_jsonl
+    from llmctl.tuning.distributed import TRIAL_ENV
+
+    context = {
+        "recipe": spec["recipe"], "overrides": spec["overrides"], "storage": spec["storage"],
+        "trial_id": trial._trial_id, "objective": base.tune.objective,
+        "max_steps": base.tune.max_steps or base.train.max_steps,
+    }
+    cmd = [sys.executable, "-m", "llmctl", "train", spec["recipe"], *overrides, "--run-dir", str(run_dir),
+           "--overwrite", "--nproc", str(base.tune.nproc_per_trial)]
+    child = subprocess.Popen(cmd, env={**os.environ, TRIAL_ENV: json.dumps(context)}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while True:
+        try:
+            _, err = child.communicate(timeout=1.0)
+            break
+        except subprocess.TimeoutExpired:
+            if os.getppid() != spec["parent_pid"]:
+                os.killpg(child.pid, 9)
+                raise SystemExit(1) from None
+    if child.returncode != 0:
+        lines = [line for line in (err or "").splitlines() if line.strip()]
+        said = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+        raise LlmctlError(said[0] if said else f"llmctl train --nproc exited {child.returncode}: {lines[-1] if lines else ''}")
+    pruned_at = trial.study._storage.get_trial(trial._trial_id).user_attrs.get("pruned_at_step")
+    if pruned_at is not None:
+        raise optuna.TrialPruned(f"pruned at step {pruned_at} by rank 0")
+    sign = 1 if base.tune.direction == "minimize" else -1
+    values = [float(r[base.tune.objective]) for r in iter_jsonl(RunDir(run_dir).metrics) if base.tune.objective in r]
+    if not values:
+        raise LlmctlError("the trial finished without an evaluation; lower train.eval_every.")
+    return min(values, key=lambda v: sign * v)
 
 
 def _threads() -> int:

@@ -168,3 +168,21 @@ def test_parallel_jobs_run_in_their_own_processes_with_a_share_of_the_cores(tune
     assert len({w["pid"] for w in workers}) == 2 and os.getpid() not in {w["pid"] for w in workers}
     cores = len(os.sched_getaffinity(0))
     assert all(w["threads"] == max(1, cores // 2) for w in workers)
+
+
+def test_two_process_trials_report_from_rank_0_and_prune_together(tune_dir: Path) -> None:
+    text = TUNE.format(trials=4).replace("tune:\n", "tune:\n  nproc_per_trial: 2\n").replace("startup_trials: 3", "startup_trials: 2")
+    (tune_dir / "tune.yaml").write_text(text)
+    run_cli(tune_dir, "tune", "tune.yaml", timeout=600)
+    trials = _study(tune_dir).get_trials()
+    assert len(trials) == 4 and any(t.state == TrialState.COMPLETE for t in trials)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "no two-process trial was pruned"
+    for t in pruned:
+        step = t.user_attrs["pruned_at_step"]
+        assert max(t.intermediate_values) == step  # rank 0 reported up to the step it pruned at
+        rows = [json.loads(line) for line in (Path(t.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert max(r["step"] for r in rows) == step  # and no rank trained past it
+    for t in trials:
+        run = Path(t.user_attrs["run_dir"])
+        assert (run / "recipe.yaml").is_file()
