@@ -24,6 +24,7 @@ demo: install
 	$(BIN)/llmctl prepare $(DEMO_RECIPE)
 	$(BIN)/llmctl train $(DEMO_RECIPE) --overwrite
 	$(BIN)/llmctl eval runs/tiny-gpt/model --prompt "def fib(n):" --prompt "class Stack:" --max-new-tokens 48
+	$(BIN)/llmctl tune recipes/tiny-gpt-tune.yaml --trials 4
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: install
