@@ -204,22 +204,22 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _stdlib_files() -> list[Path]:
-    root = stdlib_root()
+def _walk_files(root: Path, keep_dir, keep_file) -> list[Path]:
+    """Regular files below `root`, sorted, descending only into directories `keep_dir` accepts."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        # site-packages can live inside the stdlib folder: third-party code is not the stdlib.
-        dirnames[:] = sorted(d for d in dirnames if d != "site-packages")
-        found.extend(Path(dirpath) / n for n in filenames if n.endswith(".py"))
+        dirnames[:] = sorted(d for d in dirnames if keep_dir(d))
+        found.extend(Path(dirpath) / n for n in filenames if keep_file(n))
     return sorted(p for p in found if p.is_file())
+
+
+def _stdlib_files() -> list[Path]:
+    # site-packages can live inside the stdlib folder: third-party code is not the stdlib.
+    return _walk_files(stdlib_root(), lambda d: d != "site-packages", lambda n: n.endswith(".py"))
 
 
 def _dir_files(root: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / n for n in filenames if not n.startswith("."))
-    return sorted(p for p in found if p.is_file())
+    return _walk_files(root, lambda d: not d.startswith("."), lambda n: not n.startswith("."))
 
 
 def _format_of(spec: SourceSpec, path: Path) -> str:

@@ -11,6 +11,7 @@ below) are short next to trials of seconds or more.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -168,13 +169,13 @@ def write_outputs(study: Any, recipe_path: Path, base_overrides: list[str], reci
 
     rows = trial_rows(study)
     params = sorted({k for r in rows for k in r["params"]})
-    with open(study_dir.trials_csv.with_suffix(".csv.tmp"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["number", "state", "value", *params, "last_reported_step", "duration_s", "reason", "run_dir"])
-        for r in rows:
-            writer.writerow([r["number"], r["state"], r["value"], *[r["params"].get(p, "") for p in params],
-                             r["last_reported_step"], r["duration_s"], r["reason"], r["run_dir"]])
-    study_dir.trials_csv.with_suffix(".csv.tmp").replace(study_dir.trials_csv)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["number", "state", "value", *params, "last_reported_step", "duration_s", "reason", "run_dir"])
+    for r in rows:
+        writer.writerow([r["number"], r["state"], r["value"], *[r["params"].get(p, "") for p in params],
+                         r["last_reported_step"], r["duration_s"], r["reason"], r["run_dir"]])
+    write_atomic(study_dir.trials_csv, table.getvalue())
 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     summary: dict[str, Any] = {
