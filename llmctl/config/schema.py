@@ -105,6 +105,9 @@ class ModelConfig(_Section):
         None, ge=1, description="Key/value heads for grouped-query attention; null means n_head."
     )
     d_model: int = Field(128, ge=8, description="Width of the residual stream.")
+    head_dim: int | None = Field(
+        None, ge=2, description="Width of one attention head; null means d_model / n_head (set by structured pruning)."
+    )
     d_ff: int | None = Field(None, ge=1, description="SwiGLU hidden width; null means Llama's 8/3 d_model rounded up to 64.")
     context_length: int = Field(128, ge=2, description="Tokens per sequence in training; the longest context.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention and residual outputs while training.")
@@ -118,10 +121,11 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
-        if self.d_model % self.n_head:
+        if self.head_dim is None and self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
-        if (self.d_model // self.n_head) % 2:
-            raise ValueError(f"head size d_model/n_head ({self.d_model // self.n_head}) must be even for rotary embeddings")
+        head = self.head_dim or self.d_model // self.n_head
+        if head % 2:
+            raise ValueError(f"head size ({head}) must be even for rotary embeddings")
         kv = self.n_kv_head or self.n_head
         if self.n_head % kv:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({kv})")

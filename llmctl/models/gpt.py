@@ -27,6 +27,7 @@ class GPTConfig:
     n_head: int = 4
     n_kv_head: int | None = None
     d_model: int = 128
+    head_dim: int | None = None
     d_ff: int | None = None
     context_length: int = 128
     dropout: float = 0.0
@@ -44,7 +45,8 @@ class GPTConfig:
 
     @property
     def head_size(self) -> int:
-        return self.d_model // self.n_head
+        """Width of one attention head: `head_dim` when set (a structurally pruned model), else d_model / n_head."""
+        return self.head_dim or self.d_model // self.n_head
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "GPTConfig":
@@ -103,7 +105,7 @@ class Attention(nn.Module):
         past: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
@@ -121,7 +123,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh*hs)
         return self.o_proj(y), present
 
 
@@ -195,7 +197,9 @@ class GPT(nn.Module):
         """Logits (B, T, V) for token ids (B, T); with use_cache also the new per-layer (k, v).
 
         `attention_mask` (B, S) marks the keys (past + new) that are real tokens, for
-        padded batches; causality is always applied.
+        padded batches; causality is always applied. A padding position may always see
+        itself, so its row is never fully masked (which would give NaN); real tokens never
+        see padding.
         """
         B, T = input_ids.shape
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
@@ -208,7 +212,9 @@ class GPT(nn.Module):
             causal = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=past_len)  # (T, S)
             mask = causal[None, None]  # (1, 1, T, S)
             if attention_mask is not None:
-                mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+                own = torch.zeros(T, S, dtype=torch.bool, device=input_ids.device)
+                own[:, past_len:] = torch.eye(T, dtype=torch.bool, device=input_ids.device)  # (T, S)
+                mask = (mask & attention_mask.bool()[:, None, None, :]) | own  # (B, 1, T, S)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         presents: KVCache = []
         for i, layer in enumerate(self.model.layers):

@@ -50,10 +50,11 @@ class _Shape:
     context_length: int
     dropout: float
     tie_embeddings: bool
+    head_dim: int | None = None
 
     @property
     def head_size(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_dim or self.d_model // self.n_head
 
     @property
     def d_kv(self) -> int:
@@ -61,9 +62,9 @@ class _Shape:
 
     @property
     def layer_matrices(self) -> int:
-        """Weights of one block's linear layers: q, o (d x d), k, v (d x d_kv), gate, up, down (d x d_ff)."""
+        """Weights of one block's linear layers: q, o (d x d_q), k, v (d x d_kv), gate, up, down (d x d_ff)."""
         d = self.d_model
-        return 2 * d * d + 2 * d * self.d_kv + 3 * d * self.d_ff
+        return 2 * d * self.n_head * self.head_size + 2 * d * self.d_kv + 3 * d * self.d_ff
 
     @property
     def layer_parameters(self) -> int:
@@ -102,6 +103,7 @@ def _shape(model_config: dict[str, Any]) -> _Shape:
         context_length=int(model_config.get("context_length", 128)),
         dropout=float(model_config.get("dropout", 0.0) or 0.0),
         tie_embeddings=bool(model_config.get("tie_embeddings", True)),
+        head_dim=model_config.get("head_dim"),
     )
 
 
