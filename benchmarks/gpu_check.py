@@ -127,6 +127,8 @@ def main() -> None:
         flush=True,
     )
 
+    result.update(memory_checks(REPO, work))
+
     if gpus >= 2:
         tiny = ["--run-dir", "runs/ddp", "data.dir=data", "data.vocab_size=32768", "data.max_bytes=12000000",
                 "model.n_layer=2", "model.d_model=128", "model.n_head=4", "model.context_length=128",
@@ -152,6 +154,47 @@ def main() -> None:
         print("  DDP check skipped: one GPU")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
+
+
+def memory_checks(repo: Path, work: Path) -> dict:
+    """The memory plan against CUDA's measured peak, and `micro_batch_size: auto` under a budget.
+
+    Each is a 3-step gpt-124m bf16 run without compile; the peak is torch.cuda.max_memory_allocated
+    over the whole run (model, optimizer state and the steps), the plan's peak is what `--plan` prints.
+    """
+    import torch
+
+    from llmctl.config import load_recipe
+    from llmctl.training.trainer import TrainCallbacks, train
+
+    class Plan(TrainCallbacks):
+        info: dict = {}
+
+        def on_start(self, info: dict) -> None:
+            self.info = info
+
+    common = ["data.dir=data", "data.vocab_size=32768", "data.max_bytes=12000000", "train.max_steps=3",
+              "train.precision=bf16", "train.compile=false", "train.warmup_steps=1", "train.eval_every=3",
+              "train.checkpoint_every=3", "train.eval_batches=1"]
+    out: dict = {}
+    for label, extra in (("fixed", ["train.batch_size=16", "train.micro_batch_size=16"]),
+                         ("auto_24GiB", ["train.batch_size=256", "train.micro_batch_size=auto", "train.max_memory=24GiB"])):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        plan = Plan()
+        recipe = load_recipe(repo / "recipes/gpt-124m.yaml", common + extra)
+        train(recipe, work / f"runs/mem-{label}", callbacks=plan, overwrite=True)
+        measured = torch.cuda.max_memory_allocated()
+        estimated = plan.info["plan"].peak_bytes
+        out[f"memory_{label}"] = {
+            "micro_batch_size": plan.info["micro_batch_size"],
+            "estimated_peak_bytes": estimated,
+            "measured_peak_bytes": measured,
+            "measured_over_estimated": measured / estimated,
+        }
+        print(f"  memory ({label}): micro-batch {plan.info['micro_batch_size']}, plan {estimated / 2**30:.2f} GiB, "
+              f"measured peak {measured / 2**30:.2f} GiB ({measured / estimated:.3f}x)", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -153,6 +153,16 @@ def resolve_micro_batch(recipe: Recipe, processes: int, device: str, vocab_size:
     return micro, plan
 
 
+def _cap_cuda_memory(device: Any, budget_bytes: int) -> None:
+    """Make train.max_memory a hard limit on CUDA: the caching allocator raises out-of-memory past it,
+    so `auto` probing and training both stay inside the budget on a shared GPU."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), index)
+
+
 def _probe_on_gpu(accelerator: Any, model: Any, batches: Any, recipe: Recipe, world: int, estimated: int, plan: Any) -> tuple[int, Any]:
     """On CUDA, `auto` tries real steps from twice the estimate down; returns the size and its plan."""
     import torch.nn.functional as F
@@ -246,6 +256,10 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     batches = WindowBatches(train_tokens, T, cfg.batch_size, recipe.run.seed)
+    if cfg.max_memory is not None and device.type == "cuda":
+        from llmctl.training.memory import parse_memory
+
+        _cap_cuda_memory(device, parse_memory(cfg.max_memory))
     if cfg.micro_batch_size == "auto" and device.type == "cuda":
         micro, plan = _probe_on_gpu(accelerator, model, batches, recipe, world, micro, plan)
         accum = cfg.batch_size // (micro * world)
