@@ -32,6 +32,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path | int, *, directory: bool) -> None:
+    """Give a file or dir made by mkstemp/mkdtemp (0600/0700) the mode a plain open/mkdir would."""
+    mode = (0o777 if directory else 0o666) & ~_umask()
+    if isinstance(path, int):
+        os.fchmod(path, mode)
+    else:
+        os.chmod(path, mode)
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
     path = Path(path)
@@ -39,6 +54,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _usual_mode(fd, directory=False)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
@@ -91,11 +107,32 @@ def replace_dir_atomic(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output_dir(out_dir: Path, *, overwrite: bool, sources: list[Path], marker: str) -> None:
+    """Refuse an output path that is a file, one of the inputs, or an existing dir without --overwrite.
+
+    `--overwrite` replaces only a dir of the same kind (one holding `marker`, e.g. config.json), never
+    some other non-empty directory a mistyped path happens to name.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LlmctlError(f"-o {out_dir}: an existing file; name a directory to create.")
+    for src in sources:
+        if out_dir.resolve() == Path(src).resolve():
+            raise LlmctlError(f"-o {out_dir}: the same directory as the input; name a new one.")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / marker).is_file():
+            raise LlmctlError(f"-o {out_dir}: an existing directory with other content (no {marker}); name a new one.")
+        if not overwrite:
+            raise LlmctlError(f"-o {out_dir}: exists; pass --overwrite to replace it.")
+
+
 def staging_dir(final_dir: Path) -> Path:
     """A fresh temporary directory beside `final_dir`, for writing before `replace_dir_atomic`."""
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+    _usual_mode(tmp, directory=True)
+    return tmp
 
 
 @dataclass(frozen=True)
@@ -156,6 +193,40 @@ class ModelDir:
                 f"{self.path}: not a model dir (missing {', '.join(missing)}); "
                 "a model dir is what `llmctl train` writes to runs/<name>/model/."
             )
+
+
+@dataclass(frozen=True)
+class ExportDir:
+    """`export`'s ONNX output: the graph(s), the tokenizer, the model's config and export.json."""
+
+    path: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / "export.json"
+
+    @property
+    def onnx(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def onnx_int8(self) -> Path:
+        return self.path / "model.int8.onnx"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def provenance(self) -> Path:
+        return self.path / "llmctl.json"
+
+    def is_export(self) -> bool:
+        return self.manifest.is_file()
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,21 @@ from llmctl.cli.completion import complete_model_dir
 from llmctl.cli.output import out_console, print_json, reporting_errors, say
 from llmctl.errors import EXIT_GATE_FAILED, LlmctlError
 
-EPILOG = 'Example: llmctl eval runs/my/model --prompt "def fib(n):"'
+EPILOG = (
+    'Examples: llmctl eval runs/my/model --prompt "def fib(n):"  |  '
+    "llmctl eval --compare runs/my/model out/my-int8 out/my-onnx"
+)
 
 
 def eval_cli(
-    model_dir: Path = typer.Argument(..., help="Model dir (runs/<name>/model).", autocompletion=complete_model_dir),
+    model_dirs: List[Path] = typer.Argument(
+        ..., help="Model dir, compressed model dir or export dir (several with --compare).", autocompletion=complete_model_dir
+    ),
+    compare: bool = typer.Option(False, "--compare", help="Profile every dir given side by side: perplexity, size, latency, tokens/s."),
     data: Optional[Path] = typer.Option(None, "--data", help="Score this dataset dir's split instead of the training one."),
     text: Optional[List[Path]] = typer.Option(None, "--text", help="Score these text/JSONL/CSV files (repeatable)."),
     split: str = typer.Option("val", "--split", help="Which split of the dataset dir: val or train."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Score at most this many tokens."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Score at most this many tokens (--compare: 65536 unless given)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Generate a continuation of this text (repeatable)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate per prompt."),
@@ -30,13 +36,26 @@ def eval_cli(
     max_ppl: Optional[float] = typer.Option(None, "--max-ppl", help="Exit 3 if perplexity is above this (a CI gate)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Score a model dir on its val split (or --data / --text) and print samples for --prompt."""
+    """Score a model (torch or ONNX Runtime) on its val split (or --data / --text); --compare profiles several."""
     with reporting_errors(json_out):
         if split not in {"val", "train"}:
             raise LlmctlError(f"--split: must be val or train, got {split!r}.")
         if data and text:
             raise LlmctlError("--data and --text contradict each other; choose one.")
-        report = run_eval(model_dir, data, text or [], split, max_tokens, batch_size)
+        if len(model_dirs) > 1 and not compare:
+            raise LlmctlError(f"{len(model_dirs)} dirs given; pass --compare to profile several side by side.")
+        if compare:
+            report = run_compare(model_dirs, data, text or [], split, max_tokens or 65536)
+            if json_out:
+                print_json(report)
+            else:
+                out_console.print(compare_table(report))
+            worst = max((r["perplexity"] for r in report["rows"] if r["perplexity"] is not None), default=None)
+            if max_ppl is not None and worst is not None and worst > max_ppl:
+                say(f"[red]gate failed:[/] perplexity {worst:.3f} > --max-ppl {max_ppl}")
+                raise typer.Exit(EXIT_GATE_FAILED)
+            return
+        report = run_eval(model_dirs[0], data, text or [], split, max_tokens, batch_size)
         samples = _samples(report.pop("_loaded"), prompt or [], max_new_tokens, temperature, top_k, top_p, seed)
         report["samples"] = samples
         if json_out:
@@ -48,33 +67,95 @@ def eval_cli(
             raise typer.Exit(EXIT_GATE_FAILED)
 
 
-def run_eval(model_dir: Path, data: Path | None, text: list[Path], split: str, max_tokens: int | None, batch_size: int) -> dict:
+def _eval_tokens(loaded, data: Path | None, text: list[Path], split: str) -> tuple:
+    """(tokens, source, unigram perplexity or None) that a model is scored on."""
     from llmctl.artifacts import DatasetDir
     from llmctl.data.shards import TokenShards
-    from llmctl.data.tokenizer import eot_id, token_byte_lengths
-    from llmctl.evaluation.perplexity import check_same_tokenizer, dataset_of_model, encode_text_files, evaluate_tokens
-    from llmctl.models.model_dir import load_model_dir
+    from llmctl.data.tokenizer import eot_id
+    from llmctl.evaluation.perplexity import check_same_tokenizer, dataset_of_model, encode_text_files
 
     for f in text:
         if not f.is_file():
             raise LlmctlError(f"--text {f}: no such file.")
-    loaded = load_model_dir(model_dir)
-    byte_lengths = token_byte_lengths(loaded.tokenizer)
-    unigram = None
     if text:
-        tokens = encode_text_files(text, loaded.tokenizer, eot_id(loaded.tokenizer))
-        source = ", ".join(str(f) for f in text)
-    else:
-        dataset = DatasetDir(data) if data else dataset_of_model(loaded.provenance, loaded.path)
-        check_same_tokenizer(dataset, loaded.path / "tokenizer.json")
-        shards = TokenShards(dataset.path)
-        tokens = shards.split(split)
-        source = f"{dataset.path} ({split})"
-        if split == "val" and max_tokens is None:
-            unigram = (shards.meta.get("unigram") or {}).get("perplexity")
+        return encode_text_files(text, loaded.tokenizer, eot_id(loaded.tokenizer)), ", ".join(str(f) for f in text), None
+    dataset = DatasetDir(data) if data else dataset_of_model(loaded.provenance, loaded.path)
+    check_same_tokenizer(dataset, Path(loaded.path) / "tokenizer.json")
+    shards = TokenShards(dataset.path)
+    unigram = (shards.meta.get("unigram") or {}).get("perplexity") if split == "val" else None
+    return shards.split(split), f"{dataset.path} ({split})", unigram
+
+
+def run_compare(paths: list[Path], data: Path | None, text: list[Path], split: str, max_tokens: int) -> dict:
+    """Profile each dir (each ONNX graph of an export dir) on the first one's tokens, in this process."""
+    from llmctl.artifacts import ExportDir
+    from llmctl.data.tokenizer import token_byte_lengths
+    from llmctl.evaluation.profile import profile_models
+    from llmctl.models.loading import backend_of, load_for_inference
+
+    targets: list[tuple[Path, str | None]] = []
+    for path in paths:
+        if backend_of(path) == "onnxruntime":
+            targets.append((path, "model.onnx"))
+            if ExportDir(path).onnx_int8.is_file():
+                targets.append((path, "model.int8.onnx"))
+        else:
+            targets.append((path, None))
+    loaded, names, tokens, byte_lengths, source = [], [], None, None, None
+    for path, graph in targets:
+        model = load_for_inference(path, onnx_file=graph)
+        if tokens is None:
+            tokens, source, _ = _eval_tokens(model, data, text, split)
+            tokens = tokens[: max_tokens + 1]
+            byte_lengths = token_byte_lengths(model.tokenizer)
+        elif model.tokenizer.get_vocab() != loaded[0].tokenizer.get_vocab():
+            raise LlmctlError(f"{path}: its tokenizer differs from {paths[0]}'s; --compare needs models that share one.")
+        loaded.append(model)
+        names.append(str(path) + (f" ({graph})" if graph and graph != "model.onnx" else ""))
+    say(f"profiling {len(loaded)} models on {len(tokens) - 1:,} tokens; timings interleaved")
+    rows = [p.to_dict() for p in profile_models(loaded, tokens, byte_lengths, names)]
+    base = rows[0]["perplexity"]
+    for r in rows:
+        r["perplexity_change_pct"] = 100 * (r["perplexity"] / base - 1) if base and r["perplexity"] else None
+    return {"source": source, "tokens": int(len(tokens) - 1), "rows": rows}
+
+
+def compare_table(report: dict):
+    from rich.table import Table
+
+    from llmctl.cli.compress import human_bytes
+
+    table = Table(title=f"on {report['source']}, {report['tokens']:,} tokens", header_style="bold", box=None, title_justify="left")
+    table.add_column("model", overflow="fold", ratio=1)
+    table.add_column("backend", no_wrap=True)
+    for col in ("perplexity", "Δ%", "size", "forward ms", "gen tok/s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in report["rows"]:
+        delta = r["perplexity_change_pct"]
+        table.add_row(
+            r["name"], r["backend"], f"{r['perplexity']:.3f}", "-" if delta is None else f"{delta:+.2f}",
+            human_bytes(r["size_bytes"]), f"{r['forward_ms']:.2f}", f"{r['generate_tokens_per_s']:.1f}",
+        )
+    return table
+
+
+def run_eval(model_dir: Path, data: Path | None, text: list[Path], split: str, max_tokens: int | None, batch_size: int) -> dict:
+    from llmctl.data.tokenizer import token_byte_lengths
+    from llmctl.evaluation.perplexity import evaluate_tokens
+    from llmctl.evaluation.profile import backend_name
+    from llmctl.models.loading import load_for_inference
+
+    loaded = load_for_inference(model_dir)
+    tokens, source, unigram = _eval_tokens(loaded, data, text, split)
+    if max_tokens is not None:
+        unigram = None
+    byte_lengths = token_byte_lengths(loaded.tokenizer)
     result = evaluate_tokens(loaded.model, tokens, byte_lengths, source=source, batch_size=batch_size, max_tokens=max_tokens)
     result.unigram_perplexity = unigram
-    return {**result.to_dict(), "model_dir": str(model_dir), "step": loaded.provenance.get("step"), "_loaded": loaded}
+    return {
+        **result.to_dict(), "model_dir": str(model_dir), "backend": backend_name(loaded),
+        "step": loaded.provenance.get("step"), "_loaded": loaded,
+    }
 
 
 def _samples(loaded, prompts: list[str], max_new_tokens: int, temperature: float, top_k, top_p, seed: int) -> list[dict]:

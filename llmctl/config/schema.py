@@ -118,6 +118,9 @@ class ModelConfig(_Section):
     vocab_size: int | None = Field(
         None, ge=2, description="Vocabulary size; null takes it from the dataset's tokenizer."
     )
+    init_from: str | None = Field(
+        None, description="Start from this model dir's weights (its config.json must match this section); null: random init."
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -179,6 +182,9 @@ class TrainConfig(_Section):
     )
     min_delta: float = Field(0.0, ge=0, description="Early stopping: the least drop in val loss that counts as better.")
     keep_best: bool = Field(True, description="Write the model with the best val loss to model/ (else the last one).")
+    keep_sparsity: bool = Field(
+        False, description="Keep weights that start at zero at zero (recovery training of a pruned model)."
+    )
 
     @field_validator("betas")
     @classmethod
@@ -273,6 +279,30 @@ class TuneConfig(_Section):
         return v
 
 
+class CompressConfig(_Section):
+    prune: float = Field(0.0, ge=0, lt=1, description="Share of weights (or heads and channels, if structured) to remove; 0: no pruning.")
+    prune_method: Literal["global", "layer", "structured"] = Field(
+        "global", description="global/layer: zero the smallest weights over all layers or per layer; structured: remove "
+        "whole attention heads (KV groups) and MLP channels, giving a smaller dense model.",
+    )
+    recover_steps: int = Field(0, ge=0, description="Fine-tune this many steps after pruning, on the model's own dataset.")
+    recover_lr: float | None = Field(None, gt=0, description="Learning rate of the recovery fine-tune; null: train.lr / 10.")
+    quantize: Literal["none", "int8", "int8-weight", "int4-weight"] = Field(
+        "none", description="int8: dynamic int8 linear layers (fastest on CPU); int8-weight/int4-weight: weight-only.",
+    )
+    calibration_tokens: int = Field(8192, ge=128, description="Val tokens that score heads and channels for structured pruning.")
+    eval_tokens: int | None = Field(
+        65536, ge=2, description="Val tokens scored for perplexity before and after; null: the whole val split.",
+    )
+
+
+class ExportConfig(_Section):
+    opset: int = Field(17, ge=17, description="ONNX opset (17 or newer).")
+    atol: float = Field(1e-4, ge=0, description="Largest absolute difference from PyTorch allowed in the parity check.")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: also write model.int8.onnx (ONNX Runtime dynamic int8).")
+    external_data_mb: float = Field(2048, gt=0, description="Weights above this size (MB) go to ONNX external data.")
+
+
 class Recipe(_Section):
     """A whole recipe: one section per step."""
 
@@ -281,6 +311,8 @@ class Recipe(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @property
     def name(self) -> str:

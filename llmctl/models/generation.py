@@ -36,6 +36,14 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def model_device(model: object) -> torch.device:
+    """Where a model's inputs go: its `device` attribute (ONNX Runtime wrappers) or its first parameter's."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device  # type: ignore[attr-defined]
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompt_ids: list[int], params: SamplingParams) -> list[int]:
     """Continue `prompt_ids`; returns only the new token ids (the stop token excluded).
@@ -45,7 +53,7 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], params: SamplingPara
     re-encoded from position 0, as the model never saw positions beyond it.
     """
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     context = model.context_length
     generator = None
     if params.seed is not None:

@@ -31,14 +31,19 @@ def save_model_dir(
     """Write a complete model dir to `dest` atomically (a crash leaves the old one or none).
 
     `state_dict` overrides the model's own (the gathered one of a sharded model); a tied output
-    head is stored once, as HF Llama does.
+    head is stored once, as HF Llama does. A quantized model (`model.quantization` set) stores its
+    integer weights and scales as they are and records the scheme in config.json.
     """
     from safetensors.torch import save_file
 
     config = model.config.to_dict()
+    quantization = getattr(model, "quantization", None)
+    if quantization:
+        config["quantization"] = quantization
     tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     if config.get("tie_embeddings"):
-        tensors.pop("lm_head.weight", None)
+        for name in [k for k in tensors if k.startswith("lm_head.")]:
+            tensors.pop(name)
     dest = Path(dest)
     tmp = staging_dir(dest)
     try:
@@ -88,6 +93,9 @@ def load_model_dir(path: str | Path, device: str = "cpu") -> LoadedModel:
             f"{vocab}; the tokenizer does not belong to this model (copy the dataset's tokenizer.json back, "
             "or retrain)."
         )
+    if "quantization" in config:
+        model = _load_quantized(md, config, device)
+        return LoadedModel(model, config, tokenizer, provenance, md.path)
     try:
         model = build_model(config)
     except (TypeError, ValueError) as e:
@@ -104,3 +112,40 @@ def load_model_dir(path: str | Path, device: str = "cpu") -> LoadedModel:
     model.to(device).eval()
     return LoadedModel(model, config, tokenizer, provenance, md.path)
 
+
+def _load_quantized(md: ModelDir, config: dict[str, Any], device: str) -> Any:
+    """A quantized model from its integer tensors; it runs on CPU only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from llmctl.models.quantized import SCHEMES, build_quantized_gpt, int4_kernel_problem
+
+    quantization = config["quantization"]
+    scheme = quantization.get("scheme") if isinstance(quantization, dict) else None
+    if scheme not in SCHEMES:
+        raise LlmctlError(
+            f"{md.config}: quantization scheme {scheme!r} is not one this llmctl runs ({', '.join(SCHEMES)}); "
+            "upgrade llmctl or quantize the float model again."
+        )
+    if config.get("family", "gpt") != "gpt":
+        raise LlmctlError(f"{md.config}: quantized {config.get('family')!r} models are not supported; only gpt.")
+    if device != "cpu":
+        raise LlmctlError(f"{md.path}: a quantized model ({scheme}) runs on CPU only, not {device}.")
+    if scheme == "int4-weight" and int4_kernel_problem():
+        raise LlmctlError(
+            f"{md.path}: an int4-weight model cannot run here: {int4_kernel_problem()}; "
+            "quantize the float model with int8-weight or int8 instead."
+        )
+    try:
+        tensors = load_file(str(md.weights))
+    except (SafetensorError, OSError) as e:
+        raise LlmctlError(f"{md.weights}: cannot load the weights ({e}).") from None
+    try:
+        return build_quantized_gpt(config, tensors)
+    except TypeError as e:
+        raise LlmctlError(f"{md.config}: cannot build the model from it ({e}).") from None
+    except ValueError as e:
+        raise LlmctlError(
+            f"{md.weights}: weights do not match config.json's quantization ({e}); the model dir is damaged "
+            "or mixed from two models: write it again with `llmctl compress`."
+        ) from None

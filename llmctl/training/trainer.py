@@ -251,9 +251,20 @@ def train(
     set_seed(recipe.run.seed)
     model_config = _model_config(recipe, shards.vocab_size)
     model = build_model(model_config)
+    if recipe.model.init_from and not resume_from:
+        from llmctl.training.init_from import load_weights_into
+
+        load_weights_into(model, Path(recipe.model.init_from))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_schedule(optimizer, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.keep_sparsity and cfg.strategy == "fsdp" and world > 1:
+        raise LlmctlError("train.keep_sparsity works with strategy ddp only (FSDP flattens the weight matrices).")
+    # Weights that start at zero (a pruned model) stay zero: a mask for each matrix that has any.
+    sparsity_masks = [
+        (p, p.ne(0).to(p.dtype)) for p in accelerator.unwrap_model(model).parameters()
+        if cfg.keep_sparsity and p.dim() >= 2 and not p.all()
+    ]
     accelerator.register_for_checkpointing(scheduler)
     batches = WindowBatches(train_tokens, T, cfg.batch_size, recipe.run.seed)
     if cfg.max_memory is not None and device.type == "cuda":
@@ -401,6 +412,8 @@ def train(
         finite = math.isfinite(float(grad_norm))
         if finite:
             optimizer.step()
+            for p, keep in sparsity_masks:
+                p.data.mul_(keep)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1

@@ -179,7 +179,7 @@ def test_recipes_schema_is_json_schema_with_bounds_and_help(tmp_path):
     result = llmctl_run("recipes", "schema", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     schema = json.loads(result.stdout)
-    assert set(schema["properties"]) == {"run", "data", "model", "train", "tune"}
+    assert set(schema["properties"]) == {"run", "data", "model", "train", "tune", "compress", "export"}
     lr = schema["$defs"]["TrainConfig"]["properties"]["lr"]
     assert lr["exclusiveMinimum"] == 0 and lr["default"] == 1e-3 and lr["description"]
 

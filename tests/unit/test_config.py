@@ -276,7 +276,7 @@ def test_recipe_to_yaml_round_trips_to_an_equal_recipe(write):
         ["data.sources=[a.txt,{path: b.csv, field: body}]"],
     )
     text = recipe_to_yaml(recipe)
-    assert list(yaml.safe_load(text)) == ["run", "data", "model", "train", "tune"]
+    assert list(yaml.safe_load(text)) == ["run", "data", "model", "train", "tune", "compress", "export"]
     again = validate_recipe(yaml.safe_load(text), "again.yaml")
     assert again == recipe
     assert again.model_dump() == recipe.model_dump()

@@ -1,0 +1,126 @@
+"""`llmctl compress`: prune and/or quantize a model dir into a new one, with a before/after report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from llmctl.cli.completion import complete_model_dir, complete_recipe_file
+from llmctl.cli.output import out_console, print_json, reporting_errors, say
+
+EPILOG = (
+    "Examples: llmctl compress runs/tiny-gpt/model --prune 0.3 --quantize int8 -o out/tiny-int8  |  "
+    "llmctl compress runs/tiny-gpt/model --prune 0.25 --prune-method structured --recover-steps 200 -o out/tiny-small"
+)
+
+# CLI flag -> compress section key, for messages that name what the user typed.
+_FLAGS = {
+    "prune": "--prune",
+    "prune_method": "--prune-method",
+    "recover_steps": "--recover-steps",
+    "recover_lr": "--recover-lr",
+    "quantize": "--quantize",
+    "eval_tokens": "--eval-tokens",
+}
+
+
+def compress_cli(
+    model_dir: Path = typer.Argument(..., help="Model dir to compress (runs/<name>/model).", autocompletion=complete_model_dir),
+    output: Path = typer.Option(..., "--output", "-o", help="New model dir to write."),
+    prune: Optional[float] = typer.Option(None, "--prune", help="Share to prune, 0 <= S < 1 (weights, or heads and channels if structured)."),
+    prune_method: Optional[str] = typer.Option(None, "--prune-method", help="global | layer | structured."),
+    recover_steps: Optional[int] = typer.Option(None, "--recover-steps", help="Fine-tune this many steps after pruning."),
+    recover_lr: Optional[float] = typer.Option(None, "--recover-lr", help="Learning rate of the recovery fine-tune (default train.lr / 10)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8 (dynamic, fastest on CPU) | int8-weight | int4-weight."),
+    recipe: Optional[Path] = typer.Option(
+        None, "--recipe", help="Take defaults from this recipe's compress section (else the model's own recipe's).",
+        autocompletion=complete_recipe_file,
+    ),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset dir whose val split scores the models (default: the model's own)."),
+    eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="Val tokens to score before and after."),
+    no_speed: bool = typer.Option(False, "--no-speed", help="Skip the latency and generation timings."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output dir if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
+) -> None:
+    """Prune and/or quantize a model dir; writes a model dir that eval, export and serve load as is."""
+    with reporting_errors(json_out):
+        from llmctl.compression.pipeline import compress_model, describe
+
+        flags = {"prune": prune, "prune_method": prune_method, "recover_steps": recover_steps, "recover_lr": recover_lr,
+                 "quantize": quantize, "eval_tokens": eval_tokens}
+        from llmctl.cli.sections import resolve_section
+
+        options = resolve_section(model_dir, recipe, "compress", {k: v for k, v in flags.items() if v is not None}, _FLAGS)
+        say(f"compressing {model_dir}: {describe(options)}")
+        progress = _stage_printer()
+        callbacks = None
+        if options.recover_steps and options.prune:
+            from llmctl.cli.progress import TrainProgress
+
+            callbacks = TrainProgress()
+        report = compress_model(
+            model_dir, output, options, data=data, overwrite=overwrite, measure_speed=not no_speed,
+            on_stage=progress, train_callbacks=callbacks,
+        )
+        report["output"] = str(output)
+        if json_out:
+            print_json(report)
+        else:
+            out_console.print(report_table(report))
+            if report.get("perplexity_not_measured"):
+                say(f"[yellow]perplexity not measured:[/] {report['perplexity_not_measured']}")
+            say(f"wrote {output} (report: {output / 'compression.json'})")
+
+
+def _stage_printer():
+    import time
+
+    t0 = time.perf_counter()
+
+    def stage(text: str) -> None:
+        say(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {text}")
+
+    return stage
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def report_table(report: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    b, a = report["before"], report["after"]
+    table = Table(title="compression (same machine, same run)", header_style="bold", box=None, title_justify="left")
+    for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
+        table.add_column(col, justify=justify)
+
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    def change(x: Any, y: Any, *, inverse: bool = False, pct: bool = False) -> str:
+        if not x or not y:
+            return "-"
+        if pct:
+            return f"{100 * (y / x - 1):+.2f}%"
+        return f"{(x / y if inverse else y / x):.2f}x"
+
+    table.add_row("parameters", num(b["parameters"], ","), num(a["parameters"], ","), change(b["parameters"], a["parameters"]))
+    table.add_row("non-zero parameters", num(b["nonzero_parameters"], ","), num(a["nonzero_parameters"], ","),
+                  change(b["nonzero_parameters"], a["nonzero_parameters"]))
+    table.add_row("size on disk", human_bytes(b["size_bytes"]), human_bytes(a["size_bytes"]), change(b["size_bytes"], a["size_bytes"]))
+    table.add_row("val perplexity", num(b["perplexity"], ".3f"), num(a["perplexity"], ".3f"), change(b["perplexity"], a["perplexity"], pct=True))
+    tokens = b.get("forward_tokens")
+    table.add_row(f"forward latency (1 x {tokens} tokens)", num(b["forward_ms"], ".2f") + " ms" if b["forward_ms"] else "-",
+                  num(a["forward_ms"], ".2f") + " ms" if a["forward_ms"] else "-", change(b["forward_ms"], a["forward_ms"], inverse=True) + " faster" if a["forward_ms"] else "-")
+    table.add_row("generate tokens/s", num(b["generate_tokens_per_s"], ".1f"), num(a["generate_tokens_per_s"], ".1f"),
+                  change(b["generate_tokens_per_s"], a["generate_tokens_per_s"]))
+    return table

@@ -1,0 +1,99 @@
+"""`llmctl export`: write a model dir as ONNX (KV-cached decoder), verified against PyTorch at export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from llmctl.cli.completion import complete_model_dir, complete_recipe_file
+from llmctl.cli.output import out_console, print_json, reporting_errors, say
+from llmctl.errors import EXIT_GATE_FAILED, LlmctlError
+
+EPILOG = (
+    "Examples: llmctl export runs/tiny-gpt/model -o out/tiny-onnx --quantize int8  |  "
+    "llmctl eval out/tiny-onnx  |  llmctl eval --compare runs/tiny-gpt/model out/tiny-onnx"
+)
+
+_FLAGS = {"opset": "--opset", "atol": "--atol", "quantize": "--quantize", "external_data_mb": "--external-data-mb"}
+
+
+def export_cli(
+    model_dir: Path = typer.Argument(..., help="Model dir to export (runs/<name>/model, or a compressed one).", autocompletion=complete_model_dir),
+    output: Path = typer.Option(..., "--output", "-o", help="Export dir to write."),
+    format: str = typer.Option("onnx", "--format", help="onnx."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17 or newer (default 17)."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Largest |ONNX - PyTorch| allowed; above it export exits 3 (default 1e-4)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8: also write model.int8.onnx (ONNX Runtime dynamic int8)."),
+    external_data_mb: Optional[float] = typer.Option(None, "--external-data-mb", help="Weights above this many MB go to model.onnx.data (default 2048)."),
+    recipe: Optional[Path] = typer.Option(
+        None, "--recipe", help="Take defaults from this recipe's export section (else the model's own recipe's).",
+        autocompletion=complete_recipe_file,
+    ),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset dir whose val split judges the int8 graph (default: the model's own)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output dir if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the export report as one JSON object on stdout."),
+) -> None:
+    """Export to ONNX with past key/values, check it against PyTorch, optionally quantize to int8."""
+    with reporting_errors(json_out):
+        if format != "onnx":
+            raise LlmctlError(f"--format {format!r}: expected onnx.")
+        from llmctl.artifacts import check_output_dir
+        from llmctl.evaluation.profile import val_tokens_of
+        from llmctl.export.onnx_export import export_onnx
+        from llmctl.models.model_dir import load_model_dir
+
+        flags = {"opset": opset, "atol": atol, "quantize": quantize, "external_data_mb": external_data_mb}
+        from llmctl.cli.sections import resolve_section
+
+        options = resolve_section(model_dir, recipe, "export", {k: v for k, v in flags.items() if v is not None}, _FLAGS)
+        check_output_dir(output, overwrite=overwrite, sources=[model_dir], marker="export.json")
+        loaded = load_model_dir(model_dir)
+        tokens = None
+        if options.quantize == "int8":
+            tokens, _, missing = val_tokens_of(loaded, data, 16384)
+            if missing:
+                say(f"[yellow]the int8 graph's perplexity will not be measured:[/] {missing}")
+        import time
+
+        t0 = time.perf_counter()
+        report = export_onnx(
+            loaded, output, opset=options.opset, atol=options.atol, quantize=options.quantize,
+            external_data_threshold=int(options.external_data_mb * 1e6), eval_tokens=tokens,
+            on_progress=lambda text: say(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {text}"),
+        )
+        result = report.to_dict()
+        if json_out:
+            print_json(result)
+        else:
+            out_console.print(parity_table(report.rows, options.atol))
+            _print_int8(report.figures.get("int8"))
+            say(f"wrote {output} ({', '.join(Path(p).name for k, p in report.paths.items() if k != 'dir')})")
+        if not report.passed:
+            say(f"[red]parity check failed:[/] {report.failure} The files are kept in {output} for inspection.")
+            raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def parity_table(rows: list[dict[str, Any]], atol: float) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"ONNX Runtime vs PyTorch (atol {atol:g})", header_style="bold", box=None, title_justify="left")
+    for col in ("output", "max abs diff", "max rel diff", "worst case", "ok"):
+        table.add_column(col, justify="right" if "diff" in col else "left")
+    for r in rows:
+        table.add_row(str(r["output"]), f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}", str(r.get("worst", "")),
+                      "[green]yes[/]" if r["passed"] else "[red]NO[/]")
+    return table
+
+
+def _print_int8(int8: dict[str, Any] | None) -> None:
+    if not int8:
+        return
+    text = f"int8: {int8['file']} is {1 / int8['size_ratio']:.2f}x the fp32 size ({int8['weight_scales']} scales)"
+    ppl = int8.get("perplexity")
+    if isinstance(ppl, dict):
+        text += f"; perplexity {ppl['fp32']:.3f} -> {ppl['int8']:.3f} ({100 * ppl['relative_delta']:+.2f}%) on {ppl['eval_tokens']:,} val tokens"
+    else:
+        text += f"; perplexity {ppl}"
+    say(text)

@@ -1,0 +1,176 @@
+"""`compress`: prune, optionally recover by fine-tuning, quantize, and measure what it cost and saved.
+
+The result is a model dir like any other (eval, export and serve load it without flags) with a
+`compression.json` beside the weights. Everything is written under a staging dir and moved into
+place at the end, so a failure leaves nothing under the output name.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from llmctl.artifacts import check_output_dir, replace_dir_atomic, staging_dir, write_json_atomic
+from llmctl.config.schema import CompressConfig
+from llmctl.errors import LlmctlError
+
+COMPRESSION_JSON = "compression.json"
+
+
+def describe(options: CompressConfig) -> str:
+    parts = []
+    if options.prune:
+        parts.append(f"{options.prune_method} pruning {options.prune:.0%}")
+    if options.prune and options.recover_steps:
+        parts.append(f"{options.recover_steps} recovery steps")
+    if options.quantize != "none":
+        parts.append(options.quantize)
+    return ", ".join(parts) or "nothing"
+
+
+def compress_model(
+    model_dir: Path,
+    out_dir: Path,
+    options: CompressConfig,
+    *,
+    data: Path | None = None,
+    overwrite: bool = False,
+    measure_speed: bool = True,
+    on_stage: Callable[[str], None] | None = None,
+    train_callbacks: Any = None,
+) -> dict[str, Any]:
+    """Compress the model dir at `model_dir` into `out_dir`; returns the report also written as compression.json."""
+    from llmctl.evaluation.profile import profile_models, val_tokens_of
+    from llmctl.models.model_dir import load_model_dir, save_model_dir
+
+    stage = on_stage or (lambda text: None)
+    if options.prune == 0 and options.quantize == "none":
+        raise LlmctlError("nothing to do: give --prune S (0 < S < 1) and/or --quantize (int8, int8-weight, int4-weight).")
+    if options.recover_steps and not options.prune:
+        raise LlmctlError("--recover-steps fine-tunes after pruning; give --prune too.")
+    check_output_dir(out_dir, overwrite=overwrite, sources=[model_dir], marker="config.json")
+    loaded = load_model_dir(model_dir)
+    if loaded.config.get("quantization"):
+        raise LlmctlError(
+            f"{model_dir}: already quantized ({loaded.config['quantization'].get('scheme')}); compress the float model it came from."
+        )
+    tokens, byte_lengths, no_data = val_tokens_of(loaded, data, options.eval_tokens)
+    if tokens is None and (options.prune_method == "structured" and options.prune or options.recover_steps):
+        raise LlmctlError(f"{no_data} Structured pruning and recovery need the model's data.")
+
+    work = staging_dir(Path(out_dir))
+    try:
+        model, pruning = _prune(loaded, options, tokens, stage)
+        recovery = None
+        if options.prune and options.recover_steps:
+            model, recovery = _recover(loaded, model, options, work, data, stage, train_callbacks)
+        if options.quantize != "none":
+            from llmctl.compression.quantization import quantize_model
+
+            stage(f"quantizing to {options.quantize}")
+            model = quantize_model(model, options.quantize)
+        stage("writing the model dir")
+        provenance = {
+            **loaded.provenance,
+            "compressed_from": str(Path(model_dir).resolve()),
+            "compression": options.model_dump(mode="json"),
+        }
+        save_model_dir(model, work / "model", tokenizer_path=loaded.path / "tokenizer.json", provenance=provenance)
+        stage("measuring both models (the compressed one as loaded from disk), timings interleaved")
+        original = load_model_dir(model_dir)
+        before, after = profile_models(
+            [original, load_model_dir(work / "model")], tokens, byte_lengths, [str(model_dir), str(out_dir)], speed=measure_speed
+        )
+        report = _report(options, before, after, pruning, recovery, no_data)
+        write_json_atomic(work / "model" / COMPRESSION_JSON, report)
+        replace_dir_atomic(work / "model", Path(out_dir))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _prune(loaded: Any, options: CompressConfig, tokens: Any, stage: Callable[[str], None]) -> tuple[Any, dict | None]:
+    if not options.prune:
+        return loaded.model, None
+    from llmctl.compression.pruning import prune_structured, prune_unstructured
+
+    if options.prune_method == "structured":
+        import torch
+
+        T = loaded.model.context_length
+        n = max(1, min(options.calibration_tokens, len(tokens) - 1) // T)
+        if len(tokens) < T + 1:
+            raise LlmctlError(f"structured pruning: the val split has {len(tokens)} tokens, fewer than one context ({T + 1}).")
+        calibration = torch.from_numpy(tokens[: n * T].astype("int64")).view(n, T)  # (n, T)
+        stage(f"structured pruning: scoring heads and channels on {n * T:,} val tokens")
+        before = {k: loaded.config.get(k) for k in ("n_head", "n_kv_head", "d_ff")}
+        model = prune_structured(loaded.model, options.prune, calibration)
+        after = {k: getattr(model.config, k) for k in ("n_head", "n_kv_head", "d_ff")}
+        return model, {"method": "structured", "fraction": options.prune, "before": before, "after": after}
+    stage(f"magnitude pruning ({options.prune_method}) to {options.prune:.0%} sparsity")
+    stats = prune_unstructured(loaded.model, options.prune, scope=options.prune_method)
+    return loaded.model, {"method": options.prune_method, **stats}
+
+
+def _recover(
+    loaded: Any, model: Any, options: CompressConfig, work: Path, data: Path | None, stage: Callable[[str], None], callbacks: Any
+) -> tuple[Any, dict]:
+    """Fine-tune the pruned model through the normal trainer; unstructured zeros stay zero."""
+    from llmctl.config.schema import Recipe
+    from llmctl.evaluation.perplexity import dataset_of_model
+    from llmctl.models.model_dir import load_model_dir, save_model_dir
+    from llmctl.training.trainer import train
+
+    recorded = loaded.provenance.get("recipe")
+    if not recorded:
+        raise LlmctlError(f"{loaded.path}/llmctl.json records no recipe; recovery fine-tuning needs the one it was trained with.")
+    save_model_dir(model, work / "pruned", tokenizer_path=loaded.path / "tokenizer.json", provenance=loaded.provenance)
+    recipe = Recipe.model_validate(recorded)
+    shapes = {k: v for k, v in model.config.to_dict().items() if k in recipe.model.model_fields and k != "family"}
+    dataset = Path(data) if data else dataset_of_model(loaded.provenance, loaded.path).path
+    steps = options.recover_steps
+    recipe = recipe.model_copy(
+        update={
+            "model": recipe.model.model_copy(update={**shapes, "init_from": str(work / "pruned")}),
+            "data": recipe.data.model_copy(update={"dir": str(dataset)}),
+            "train": recipe.train.model_copy(
+                update={
+                    "max_steps": steps,
+                    "lr": options.recover_lr or recipe.train.lr / 10,
+                    "warmup_steps": min(recipe.train.warmup_steps, steps // 10),
+                    "eval_every": steps,
+                    "checkpoint_every": steps,
+                    "keep_best": False,
+                    "patience": None,
+                    "keep_sparsity": options.prune_method != "structured",
+                    "compile": False,
+                }
+            ),
+        }
+    )
+    stage(f"recovery fine-tune: {steps} steps at lr {recipe.train.lr:g}")
+    result = train(recipe, work / "recover", overwrite=True, callbacks=callbacks)
+    recovered = load_model_dir(result.model_dir).model
+    return recovered, {"steps": steps, "lr": recipe.train.lr, "final_loss": result.loss, "val_loss": result.val_loss}
+
+
+def _report(options: CompressConfig, before: Any, after: Any, pruning: dict | None, recovery: dict | None, no_data: str | None) -> dict:
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    delta = None
+    if before.perplexity and after.perplexity:
+        delta = 100 * (after.perplexity / before.perplexity - 1)
+    return {
+        "options": options.model_dump(mode="json"),
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "perplexity_change_pct": delta,
+        "size_ratio": ratio(after.size_bytes, before.size_bytes),
+        "forward_speedup": ratio(before.forward_ms, after.forward_ms),
+        "generate_speedup": ratio(after.generate_tokens_per_s, before.generate_tokens_per_s),
+        "pruning": pruning,
+        "recovery": recovery,
+        "perplexity_not_measured": no_data,
+    }

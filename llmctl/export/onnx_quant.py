@@ -1,0 +1,126 @@
+"""model.int8.onnx: ONNX Runtime dynamic int8 (int8 weights, activations quantized per call).
+
+int8 logits differ from fp32 by ~1e-2, so the check is perplexity on real tokens, not equality.
+Per-tensor and per-channel weight scales are both tried; the one closer to fp32 is kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from llmctl.artifacts import ExportDir
+
+INT8_CANDIDATES = ".int8-candidates"  # under the export dir being written; removed before it is moved into place
+
+
+def quantize_int8(
+    export_dir: Path,
+    reference: Any,
+    *,
+    external_data: bool,
+    eval_tokens: np.ndarray | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write `export_dir`/model.int8.onnx from its model.onnx and return its figures for export.json.
+
+    `reference` is the fp32 torch model. With `eval_tokens` each candidate is judged by its
+    perplexity over them (the one nearer fp32 wins); without, by its mean |logit - fp32 logit| on a seeded
+    random prompt, and perplexity is recorded as not measured.
+    """
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    from llmctl.models.onnx_model import OnnxCausalLM
+
+    layout = ExportDir(Path(export_dir))
+    work = layout.path / INT8_CANDIDATES
+    work.mkdir()
+    say = on_progress or (lambda message: None)
+    try:
+        say("int8: preparing the graph (onnxruntime quant_pre_process)")
+        prepared = work / "prepared.onnx"
+        # Symbolic shape inference gives up on this graph's shape arithmetic; ONNX's own shape
+        # inference, which still runs, types every MatMul weight, which is all dynamic int8 needs.
+        quant_pre_process(
+            str(layout.onnx), str(prepared), skip_symbolic_shape=True,
+            save_as_external_data=external_data, all_tensors_to_one_file=True,
+            external_data_location=prepared.name + ".data",
+        )
+        vocab_size = reference.config.vocab_size
+        reference_ppl = None
+        if eval_tokens is not None:
+            say(f"int8: perplexity of the fp32 model over {len(eval_tokens)} tokens")
+            reference_ppl = _perplexity(reference, eval_tokens, vocab_size)
+        else:
+            probe = torch.randint(0, vocab_size, (1, min(64, reference.context_length)),
+                                  generator=torch.Generator().manual_seed(0))  # (1, T)
+            with torch.no_grad():
+                probe_logits = reference(probe)  # (1, T, V)
+
+        candidates: dict[str, dict[str, Any]] = {}
+        for scheme in ("per-tensor", "per-channel"):
+            say(f"int8: quantizing ({scheme} weight scales)")
+            graph = work / scheme / layout.onnx_int8.name
+            graph.parent.mkdir()
+            quantize_dynamic(
+                str(prepared), str(graph), weight_type=QuantType.QInt8, per_channel=scheme == "per-channel",
+                use_external_data_format=external_data,
+            )
+            model = OnnxCausalLM(layout.path, str(graph.relative_to(layout.path)))
+            if reference_ppl is not None:
+                say(f"int8: perplexity ({scheme})")
+                ppl = _perplexity(model, eval_tokens, vocab_size)
+                delta = ppl - reference_ppl
+                candidates[scheme] = {"perplexity": ppl, "perplexity_delta": delta, "score": abs(delta)}
+            else:
+                err = float((model(probe) - probe_logits).abs().mean())
+                candidates[scheme] = {"logits_mean_abs_diff": err, "score": err}
+            del model  # let ONNX Runtime release the file before it moves
+
+        chosen = min(candidates, key=lambda s: candidates[s]["score"])
+        for f in (work / chosen).iterdir():
+            shutil.move(str(f), layout.path / f.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    files = _graph_files(layout.onnx_int8)
+    fp32_bytes = sum(f.stat().st_size for f in _graph_files(layout.onnx))
+    int8_bytes = sum(f.stat().st_size for f in files)
+    figures: dict[str, Any] = {
+        "file": layout.onnx_int8.name,
+        "data_file": files[1].name if len(files) > 1 else None,
+        "method": "onnxruntime.quantization quant_pre_process + quantize_dynamic (QInt8 weights)",
+        "weight_scales": chosen,
+        "bytes": int8_bytes,
+        "fp32_bytes": fp32_bytes,
+        "size_ratio": fp32_bytes / int8_bytes,
+        "candidates": {s: {k: v for k, v in c.items() if k != "score"} for s, c in candidates.items()},
+    }
+    if reference_ppl is not None:
+        figures["perplexity"] = {
+            "eval_tokens": int(len(eval_tokens)),
+            "fp32": reference_ppl,
+            "int8": candidates[chosen]["perplexity"],
+            "delta": candidates[chosen]["perplexity_delta"],
+            "relative_delta": candidates[chosen]["perplexity_delta"] / reference_ppl,
+        }
+    else:
+        figures["perplexity"] = "not measured: no eval tokens were given"
+    return figures
+
+
+def _perplexity(model: Any, tokens: np.ndarray, vocab_size: int) -> float:
+    from llmctl.evaluation.perplexity import evaluate_tokens
+
+    no_bytes = np.ones(vocab_size, dtype=np.int64)  # bits per byte is not wanted here, only perplexity
+    return evaluate_tokens(model, tokens, no_bytes, source="export int8 check", batch_size=1).perplexity
+
+
+def _graph_files(graph: Path) -> list[Path]:
+    """A graph file and its external data file, if it has one."""
+    data = graph.with_name(graph.name + ".data")
+    return [graph, data] if data.is_file() else [graph]

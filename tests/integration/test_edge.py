@@ -1,0 +1,102 @@
+"""compress, export and eval across backends, through the real CLI on a tiny trained model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import assert_clean_failure, run_cli
+
+
+@pytest.fixture
+def trained(workdir: Path) -> Path:
+    run_cli(workdir, "train", "tiny.yaml")
+    return workdir
+
+
+def _staging_left(folder: Path) -> list[str]:
+    return [p.name for p in folder.glob(".*.tmp")]
+
+
+def test_compress_prunes_and_quantizes_into_a_model_dir_that_eval_loads(trained: Path) -> None:
+    proc = run_cli(trained, "compress", "runs/tiny/model", "--prune", "0.3", "--quantize", "int8", "-o", "out/c", "--json")
+    report = json.loads(proc.stdout)
+    before, after = report["before"], report["after"]
+    assert before["parameters"] == after["parameters"]
+    # Layer weights are pruned 30%: a quarter-ish of all weights (embeddings are not pruned) become zero.
+    assert after["nonzero_parameters"] < 0.9 * before["nonzero_parameters"]
+    assert after["size_bytes"] < 0.5 * before["size_bytes"]
+    assert after["perplexity"] > 1 and before["perplexity"] > 1
+    for key in ("forward_ms", "generate_tokens_per_s"):
+        assert after[key] > 0 and before[key] > 0
+    out = trained / "out/c"
+    assert json.loads((out / "compression.json").read_text())["after"]["perplexity"] == pytest.approx(after["perplexity"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["scheme"] == "int8"
+    ev = json.loads(run_cli(trained, "eval", "out/c", "--json").stdout)
+    assert ev["backend"] == "torch-int8"
+    assert ev["perplexity"] == pytest.approx(after["perplexity"], rel=1e-6)
+
+
+def test_structured_pruning_with_recovery_writes_a_smaller_model_that_exports(trained: Path) -> None:
+    run_cli(trained, "compress", "runs/tiny/model", "--prune", "0.5", "--prune-method", "structured",
+            "--recover-steps", "3", "-o", "out/small")
+    config = json.loads((trained / "out/small/config.json").read_text())
+    original = json.loads((trained / "runs/tiny/model/config.json").read_text())
+    assert config["n_head"] < original["n_head"] and config["d_ff"] < original["d_ff"]
+    report = json.loads((trained / "out/small/compression.json").read_text())
+    assert report["after"]["parameters"] < report["before"]["parameters"]
+    assert report["recovery"]["steps"] == 3
+    export = json.loads(run_cli(trained, "export", "out/small", "-o", "out/small-onnx", "--json").stdout)
+    assert export["passed"] is True
+
+
+def test_export_verifies_quantizes_and_eval_compares_backends(trained: Path) -> None:
+    export = json.loads(run_cli(trained, "export", "runs/tiny/model", "-o", "out/onnx", "--quantize", "int8", "--json").stdout)
+    assert export["passed"] is True
+    assert {r["output"] for r in export["rows"]} >= {"logits"}
+    assert (trained / "out/onnx/model.onnx").is_file() and (trained / "out/onnx/model.int8.onnx").is_file()
+    manifest = json.loads((trained / "out/onnx/export.json").read_text())
+    assert manifest["opset"] >= 17 and "verification" in manifest and "int8" in manifest
+
+    torch_eval = json.loads(run_cli(trained, "eval", "runs/tiny/model", "--json").stdout)
+    onnx_eval = json.loads(run_cli(trained, "eval", "out/onnx", "--json").stdout)
+    assert onnx_eval["backend"] == "onnxruntime"
+    assert onnx_eval["perplexity"] == pytest.approx(torch_eval["perplexity"], rel=1e-4)
+
+    run_cli(trained, "compress", "runs/tiny/model", "--quantize", "int8", "-o", "out/q", "--no-speed")
+    compare = json.loads(run_cli(trained, "eval", "--compare", "runs/tiny/model", "out/q", "out/onnx", "--json").stdout)
+    assert [r["backend"] for r in compare["rows"]] == ["torch", "torch-int8", "onnxruntime", "onnxruntime-int8"]
+    assert compare["rows"][0]["perplexity_change_pct"] == 0
+    assert compare["rows"][2]["perplexity"] == pytest.approx(torch_eval["perplexity"], rel=1e-4)
+    human = run_cli(trained, "eval", "--compare", "runs/tiny/model", "out/onnx").stdout
+    assert "perplexity" in human and "onnxruntime-int8" in human
+
+
+def test_export_beyond_the_tolerance_exits_3_and_keeps_the_files(trained: Path) -> None:
+    proc = run_cli(trained, "export", "runs/tiny/model", "-o", "out/strict", "--atol", "0", check=False)
+    assert_clean_failure(proc, 3, "parity check failed", "differs by up to", "--atol")
+    assert (trained / "out/strict/model.onnx").is_file()
+    assert json.loads((trained / "out/strict/export.json").read_text())["verification"]["passed"] is False
+
+
+def test_bad_compress_and_export_input_exits_2_and_writes_nothing(trained: Path) -> None:
+    (trained / "out").mkdir()
+    (trained / "out/file").write_text("keep me")
+    cases = [
+        (("compress", "corpus", "--prune", "0.3", "-o", "out/x"), "corpus", "not a model dir"),
+        (("compress", "runs/tiny/model", "--prune", "1.0", "-o", "out/x"), "--prune"),
+        (("compress", "runs/tiny/model", "--prune", "-0.1", "-o", "out/x"), "--prune"),
+        (("compress", "runs/tiny/model", "--prune", "0.3", "-o", "out/file"), "out/file", "existing file"),
+        (("export", "runs/tiny/model", "-o", "out/x", "--opset", "16"), "--opset"),
+        (("export", "runs/tiny/model", "-o", "out/file"), "out/file"),
+        (("export", "corpus", "-o", "out/x"), "corpus"),
+        (("eval", "corpus"), "corpus"),
+    ]
+    for args, *needles in cases:
+        assert_clean_failure(run_cli(trained, *args, check=False), 2, *needles)
+    assert not (trained / "out/x").exists()
+    assert (trained / "out/file").read_text() == "keep me"
+    assert _staging_left(trained / "out") == []
