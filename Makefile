@@ -25,6 +25,9 @@ demo: install
 	$(BIN)/llmctl train $(DEMO_RECIPE) --overwrite
 	$(BIN)/llmctl eval runs/tiny-gpt/model --prompt "def fib(n):" --prompt "class Stack:" --max-new-tokens 48
 	$(BIN)/llmctl tune recipes/tiny-gpt-tune.yaml --trials 4
+	$(BIN)/llmctl compress runs/tiny-gpt/model --prune 0.3 --quantize int8 -o out/tiny-int8 --overwrite
+	$(BIN)/llmctl export runs/tiny-gpt/model --quantize int8 -o out/tiny-onnx --overwrite
+	$(BIN)/llmctl eval --compare runs/tiny-gpt/model out/tiny-int8 out/tiny-onnx
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: install
@@ -34,6 +37,8 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_tune.py
+	$(BIN)/python benchmarks/bench_edge.py
 
 completions: install
 	for shell in bash zsh fish; do _LLMCTL_COMPLETE=source_$$shell $(BIN)/llmctl > completions/llmctl.$$shell; done

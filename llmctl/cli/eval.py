@@ -111,7 +111,7 @@ def run_compare(paths: list[Path], data: Path | None, text: list[Path], split: s
         elif model.tokenizer.get_vocab() != loaded[0].tokenizer.get_vocab():
             raise LlmctlError(f"{path}: its tokenizer differs from {paths[0]}'s; --compare needs models that share one.")
         loaded.append(model)
-        names.append(str(path) + (f" ({graph})" if graph and graph != "model.onnx" else ""))
+        names.append(str(path))
     say(f"profiling {len(loaded)} models on {len(tokens) - 1:,} tokens; timings interleaved")
     rows = [p.to_dict() for p in profile_models(loaded, tokens, byte_lengths, names)]
     base = rows[0]["perplexity"]
@@ -126,7 +126,7 @@ def compare_table(report: dict):
     from llmctl.cli.compress import human_bytes
 
     table = Table(title=f"on {report['source']}, {report['tokens']:,} tokens", header_style="bold", box=None, title_justify="left")
-    table.add_column("model", overflow="fold", ratio=1)
+    table.add_column("model", overflow="fold")
     table.add_column("backend", no_wrap=True)
     for col in ("perplexity", "Δ%", "size", "forward ms", "gen tok/s"):
         table.add_column(col, justify="right", no_wrap=True)
@@ -134,7 +134,7 @@ def compare_table(report: dict):
         delta = r["perplexity_change_pct"]
         table.add_row(
             r["name"], r["backend"], f"{r['perplexity']:.3f}", "-" if delta is None else f"{delta:+.2f}",
-            human_bytes(r["size_bytes"]), f"{r['forward_ms']:.2f}", f"{r['generate_tokens_per_s']:.1f}",
+            human_bytes(r["size_bytes"]), f"{r['forward_ms']:.2f}", f"{r['generate_tokens_per_s']:.0f}",
         )
     return table
 

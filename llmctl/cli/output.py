@@ -14,8 +14,10 @@ from rich.markup import escape
 
 from llmctl.errors import LlmctlError
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-out_console = Console(highlight=False)
+# Rich lays out for 80 columns when output is not a terminal; logs and pipes take wider tables.
+_LOG_WIDTH = None if os.environ.get("COLUMNS") else 120
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_LOG_WIDTH if not sys.stderr.isatty() else None)
+out_console = Console(highlight=False, width=_LOG_WIDTH if not sys.stdout.isatty() else None)
 
 
 def interactive() -> bool:
