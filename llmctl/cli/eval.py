@@ -96,6 +96,7 @@ def run_compare(paths: list[Path], data: Path | None, text: list[Path], split: s
     targets: list[tuple[Path, str | None]] = []
     for path in paths:
         if backend_of(path) == "onnxruntime":
+            _warn_if_unverified(path)
             targets.append((path, "model.onnx"))
             if ExportDir(path).onnx_int8.is_file():
                 targets.append((path, "model.int8.onnx"))
@@ -146,6 +147,7 @@ def run_eval(model_dir: Path, data: Path | None, text: list[Path], split: str, m
     from llmctl.models.loading import load_for_inference
 
     loaded = load_for_inference(model_dir)
+    _warn_if_unverified(model_dir)
     tokens, source, unigram = _eval_tokens(loaded, data, text, split)
     if max_tokens is not None:
         unigram = None
@@ -156,6 +158,23 @@ def run_eval(model_dir: Path, data: Path | None, text: list[Path], split: str, m
         **result.to_dict(), "model_dir": str(model_dir), "backend": backend_name(loaded),
         "step": loaded.provenance.get("step"), "_loaded": loaded,
     }
+
+
+def _warn_if_unverified(path: Path) -> None:
+    """An export dir whose parity check failed still loads; say so before its figures are trusted."""
+    import json
+
+    from llmctl.artifacts import ExportDir
+
+    layout = ExportDir(Path(path))
+    if not layout.is_export():
+        return
+    try:
+        verification = json.loads(layout.manifest.read_text(encoding="utf-8")).get("verification") or {}
+    except (OSError, ValueError):
+        return
+    if verification.get("passed") is False:
+        say(f"[yellow]warning:[/] {path} failed its parity check at export: {verification.get('failure')}")
 
 
 def _samples(loaded, prompts: list[str], max_new_tokens: int, temperature: float, top_k, top_p, seed: int) -> list[dict]:

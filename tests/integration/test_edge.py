@@ -79,6 +79,8 @@ def test_export_beyond_the_tolerance_exits_3_and_keeps_the_files(trained: Path) 
     proc = run_cli(trained, "export", "runs/tiny/model", "-o", "out/strict", "--atol", "0", check=False)
     assert_clean_failure(proc, 3, "parity check failed", "differs by up to", "--atol")
     assert (trained / "out/strict/model.onnx").is_file()
+    ev = run_cli(trained, "eval", "out/strict", "--max-tokens", "64")
+    assert "failed its parity check" in ev.stderr
     assert json.loads((trained / "out/strict/export.json").read_text())["verification"]["passed"] is False
 
 
