@@ -11,12 +11,16 @@ Three parts, each measured against a plain reference in the same run:
     dir (`save_model_dir`), quantized with `quantize_model` under each scheme ("int8",
     "int8-weight", "int4-weight"; a scheme that raises is reported as such) and saved again, and
     exported with `export_onnx(..., quantize="int8")` (model.onnx and model.int8.onnx). Every
-    backend is timed as a user runs it: loaded from disk (`load_model_dir`, or `OnnxCausalLM` on
-    the export dir) in a FRESH process (this script re-invoked with `--worker SPEC`), which runs
-    WARMUP untimed then REPS timed forwards and reports their median. A round measures fp32 first
-    and last and every other backend in between, in an order reversed every other round, so drift
-    cancels; the speedup of a round is the mean of its two fp32 medians over the backend's median.
-    Reported: the ratio of medians over all rounds (the figure judged) and the per-round speedups.
+    backend is timed as a user runs it, loaded from disk (`load_model_dir`, or `OnnxCausalLM` on
+    the export dir), in a FRESH process (this script re-invoked with `--worker SPEC`) that also
+    loads the fp32 reference the same way: the two run alternately, forward by forward (A B B A),
+    WARMUP untimed then REPS timed forwards each, every forward after an untimed PAUSE_S pause
+    (the other runtime's threads spin for a while after a call). One such process per backend per
+    round, the backends in an order reversed every other round. The speedup judged is a ratio of
+    medians: the median over rounds of the fp32 medians beside the backend, over the median of the
+    backend's; the per-round ratios are printed too. Each process also reports its CPU time over
+    wall time: a round whose process got under CONTENDED of its threads' time was crowded out by
+    another process and is marked (the medians keep it).
     Plain `torch.ao.quantization.quantize_dynamic` (nn.Linear, qint8) on the loaded fp32 model is
     an extra reference row: the int8 speed torch offers with no llmctl code. File sizes: each
     backend's weights file(s) over the fp32 model.safetensors (an ONNX graph with its .data file).
@@ -28,7 +32,7 @@ Three parts, each measured against a plain reference in the same run:
     scored by `evaluate_tokens` on the model's own val split (`val_tokens_of`, at most 65,536
     tokens); the change is relative to fp32 PyTorch. The ONNX export passes the first 16,384 val
     tokens as its int8 judge, as `llmctl export --quantize int8` does (it keeps the per-tensor or
-    per-channel candidate nearer fp32 on them: a choice of two on a quarter of the scored tokens).
+    per-channel candidate nearer fp32 on them: a choice of two, made on part of the scored tokens).
 
 (c) KV-cached greedy generation (`llmctl.models.generation.generate`, SamplingParams
     max_new_tokens=64, temperature 0) against recomputing the whole sequence at every step (a plain
@@ -68,6 +72,8 @@ if str(ROOT) not in sys.path:
 SEED = 0
 GPT124M = {"vocab_size": 50257, "n_layer": 12, "n_head": 12, "d_model": 768, "context_length": 1024}
 FORWARD_TOKENS = 128
+CONTENDED = 0.75  # a worker whose CPU time / wall time is under this share of its threads was crowded out
+PAUSE_S = 0.05  # untimed pause before each timed forward of (a): the other runtime's threads stop spinning
 SCHEMES = ("int8", "int8-weight", "int4-weight")
 GENERATE_SHAPES = ((448, 64), (64, 64))  # (prompt tokens, new tokens)
 TRAIN_RECIPE = ROOT / "recipes" / "tiny-gpt.yaml"
@@ -81,7 +87,7 @@ TARGET_INT8_PPL_PCT = 3.0
 TARGET_ONNX_FP32_SPEEDUP = 1.1
 TARGET_KV = {448: 10.0, 64: 3.0}  # by prompt length
 
-# Backends of (a) and (b): name -> (label, how it is opened)
+# The variants of (a) and (b), as printed
 BACKENDS = {
     "fp32": "torch fp32 eager (reference)",
     "int8": "torch int8 (quantize_model)",
@@ -112,7 +118,7 @@ def open_backend(spec: dict) -> Any:
         import torch.ao.quantization as ao
 
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # deprecated since torch 2.10, still works (shared/NOTES.md)
+            warnings.simplefilter("ignore")  # deprecated, still works in 2.13 (shared/NOTES.md)
             model = ao.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     return model.eval()
 
@@ -177,24 +183,47 @@ def worker_setup(spec: dict) -> dict:
 
 
 def worker_forward(spec: dict) -> dict:
-    """Median wall time of `reps` forwards at batch 1 x `tokens` after `warmup` untimed ones."""
+    """The fp32 reference and one backend in the same process, forwards alternated A B B A; times of both.
+
+    Each forward is batch 1 x `tokens`; `warmup` untimed forwards of each side come first. A pause
+    of PAUSE_S (untimed) before every forward lets the previous runtime's worker threads, which
+    spin for a while after a call (OpenMP in torch, ONNX Runtime's own pool), go idle first.
+    """
     import torch
 
     _threads(spec)
     t0 = time.perf_counter()
-    model = open_backend(spec)
+    sides = {"reference": open_backend({"backend": "fp32", "model_dir": spec["reference_dir"]})}
+    reference_load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sides["backend"] = open_backend(spec)
     load_s = time.perf_counter() - t0
     ids = torch.randint(0, GPT124M["vocab_size"], (1, spec["tokens"]), generator=torch.Generator().manual_seed(SEED))
-    times = []
+    times: dict[str, list[float]] = {"reference": [], "backend": []}
+    cpu: dict[str, float] = {"reference": 0.0, "backend": 0.0}
     with torch.inference_mode():
         for i in range(spec["warmup"] + spec["reps"]):
-            t = time.perf_counter()
-            logits = model(ids)  # (1, T, V)
-            if i >= spec["warmup"]:
-                times.append(time.perf_counter() - t)
-    assert tuple(logits.shape) == (1, spec["tokens"], GPT124M["vocab_size"]), logits.shape
-    return {"median_ms": 1000 * statistics.median(times), "times_ms": [1000 * t for t in times], "load_s": load_s,
-            "threads": torch.get_num_threads()}
+            order = ("reference", "backend") if i % 2 == 0 else ("backend", "reference")
+            for name in order:
+                time.sleep(PAUSE_S)
+                cpu0, t = time.process_time(), time.perf_counter()
+                logits = sides[name](ids)  # (1, T, V)
+                dt = time.perf_counter() - t
+                if i >= spec["warmup"]:
+                    times[name].append(dt)
+                    cpu[name] += time.process_time() - cpu0
+                assert tuple(logits.shape) == (1, spec["tokens"], GPT124M["vocab_size"]), logits.shape
+    return {
+        "reference_ms": 1000 * statistics.median(times["reference"]),
+        "backend_ms": 1000 * statistics.median(times["backend"]),
+        "times_ms": {k: [1000 * t for t in v] for k, v in times.items()},
+        # CPU seconds of this process (all its threads) per wall second of the timed forwards: near the
+        # thread count when it had the cores to itself, well below when another process took them.
+        "cpu_per_wall": {k: cpu[k] / sum(times[k]) for k in times},
+        "load_s": load_s,
+        "reference_load_s": reference_load_s,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def worker_generate(spec: dict) -> dict:
@@ -223,18 +252,19 @@ def worker_generate(spec: dict) -> dict:
 
     sides = {"cached": cached, "recompute": recompute}
     order = ["cached", "recompute"] if spec["cached_first"] else ["recompute", "cached"]
-    seconds, tokens = {}, {}
+    seconds, tokens, cpu_per_wall = {}, {}, {}
     with torch.inference_mode():
         for name in order:
             sides[name](2)  # warm-up: the prompt's shapes and a decode step
         for name in order:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             tokens[name] = sides[name](new)
             seconds[name] = time.perf_counter() - t0
+            cpu_per_wall[name] = round((time.process_time() - cpu0) / seconds[name], 2)
     same = tokens["cached"] == tokens["recompute"]
     first_diff = None if same else next(
         (i for i, (a, b) in enumerate(zip(tokens["cached"], tokens["recompute"])) if a != b), min(map(len, tokens.values())))
-    return {"seconds": seconds, "order": order, "same_tokens": same, "first_difference": first_diff,
+    return {"seconds": seconds, "cpu_per_wall": cpu_per_wall, "order": order, "same_tokens": same, "first_difference": first_diff,
             "new_tokens": {k: len(v) for k, v in tokens.items()}, "threads": torch.get_num_threads()}
 
 
@@ -282,7 +312,7 @@ def worker_quality(spec: dict) -> dict:
         report = export_onnx(load_model_dir(src), work / "onnx", quantize="int8", eval_tokens=judge)
         int8 = report.figures.get("int8", {})
         export = {"passed": report.passed, "failure": report.failure, "int8_weight_scales": int8.get("weight_scales"),
-                  "int8_judge_tokens": len(judge) if judge is not None else None}
+                  "int8_judge_tokens": len(judge) - 1 if judge is not None else None}  # tokens predicted
         for name in ("onnx-fp32", "onnx-int8"):
             score(name, open_backend({"backend": name, "export_dir": str(work / "onnx")}))
         sizes["onnx-fp32"] = graph_bytes(work / "onnx" / "model.onnx")
@@ -359,8 +389,10 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=None, help="score this trained model dir in (b) instead of training one")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's own)")
     ap.add_argument("--parts", default="abc", help="which parts to run: any of a, b, c (default abc)")
-    ap.add_argument("--quick", action="store_true", help="fewer rounds, reps and training steps (~6 minutes)")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep the model, export and run dirs here (default: a temp dir, removed)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer rounds, reps and training steps (~5 minutes; the full run ~8.5)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the model, export and run dirs here (default: a temp dir, removed)")
     ap.add_argument("--out", "--json-out", dest="out", type=Path, default=None, help="also write the figures as JSON here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -422,24 +454,25 @@ def main() -> None:
 
 
 def run_forward(work: Path, setup: dict, base: dict, rounds: int, warmup: int, reps: int, t_start: float) -> dict:
-    """Part (a): each backend in a fresh process per round, fp32 first and last, the rest in alternating order."""
-    specs = {"fp32": {"backend": "fp32", "model_dir": str(work / "fp32")},
-             "torch.ao": {"backend": "torch.ao", "model_dir": str(work / "fp32")}}
+    """Part (a): per round, one fresh process per backend holding it and the fp32 reference, in an order
+    reversed every other round."""
+    specs = {"torch.ao": {"backend": "torch.ao", "model_dir": str(work / "fp32")}}
     for scheme in SCHEMES:
         if setup["schemes"][scheme]["ok"]:
             specs[scheme] = {"backend": scheme, "model_dir": str(work / scheme)}
     if setup["export"].get("ok"):
         for name in ("onnx-fp32", "onnx-int8"):
             specs[name] = {"backend": name, "export_dir": str(work / "onnx")}
-    others = [name for name in BACKENDS if name in specs and name != "fp32"]
-    results: dict[str, list[dict]] = {name: [] for name in specs}
+    names = [name for name in BACKENDS if name in specs]
+    results: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(rounds):
-        middle = others if r % 2 == 0 else others[::-1]
-        for name in ["fp32", *middle, "fp32"]:
-            out = run_worker({**base, **specs[name], "kind": "forward", "tokens": FORWARD_TOKENS, "warmup": warmup, "reps": reps})
+        for name in names if r % 2 == 0 else names[::-1]:
+            out = run_worker({**base, **specs[name], "kind": "forward", "reference_dir": str(work / "fp32"),
+                              "tokens": FORWARD_TOKENS, "warmup": warmup, "reps": reps})
             out["round"] = r
             results[name].append(out)
-            log(t_start, f"(a) round {r + 1}/{rounds} {name:12s} {out['median_ms']:7.1f} ms")
+            log(t_start, f"(a) round {r + 1}/{rounds} {name:12s} {out['backend_ms']:7.1f} ms, fp32 beside it "
+                         f"{out['reference_ms']:7.1f} ms: {out['reference_ms'] / out['backend_ms']:.2f}x")
 
     sizes = {"fp32": (work / "fp32" / "model.safetensors").stat().st_size}
     for scheme in SCHEMES:
@@ -449,32 +482,42 @@ def run_forward(work: Path, setup: dict, base: dict, rounds: int, warmup: int, r
         sizes["onnx-fp32"] = graph_bytes(work / "onnx" / "model.onnx")
         sizes["onnx-int8"] = graph_bytes(work / "onnx" / "model.int8.onnx")
 
-    def med(name: str, r: int | None = None) -> float:
-        return statistics.median(x["median_ms"] for x in results[name] if r is None or x["round"] == r)
-
-    rows = {}
-    for name in specs:
-        per_round = [statistics.mean(x["median_ms"] for x in results["fp32"] if x["round"] == r) / med(name, r)
-                     for r in range(rounds)]
+    every = [x for rs in results.values() for x in rs]
+    fp32_ms = statistics.median(x["reference_ms"] for x in every)
+    rows = {"fp32": {
+        "label": BACKENDS["fp32"], "median_ms": fp32_ms, "worker_medians_ms": [x["reference_ms"] for x in every],
+        "speedup": 1.0, "round_speedups": [], "median_round_speedup": 1.0, "file_bytes": sizes["fp32"], "size_ratio": 1.0,
+        "load_s": statistics.median(x["reference_load_s"] for x in every),
+        "cpu_per_wall": [round(x["cpu_per_wall"]["reference"], 2) for x in every],
+        "threads": sorted({x["threads"] for x in every}),
+    }}
+    for name in names:
+        rs = results[name]
+        backend_ms = statistics.median(x["backend_ms"] for x in rs)
+        reference_ms = statistics.median(x["reference_ms"] for x in rs)
+        per_round = [x["reference_ms"] / x["backend_ms"] for x in rs]
         rows[name] = {
             "label": BACKENDS[name],
-            "median_ms": med(name),
-            "worker_medians_ms": [x["median_ms"] for x in results[name]],
-            "speedup": med("fp32") / med(name),
+            "median_ms": backend_ms,
+            "worker_medians_ms": [x["backend_ms"] for x in rs],
+            "paired_fp32_ms": reference_ms,
+            "speedup": reference_ms / backend_ms,
             "round_speedups": per_round,
             "median_round_speedup": statistics.median(per_round),
             "file_bytes": sizes.get(name),
             "size_ratio": sizes[name] / sizes["fp32"] if name in sizes else None,
-            "load_s": statistics.median(x["load_s"] for x in results[name]),
-            "threads": sorted({x["threads"] for x in results[name]}),
+            "load_s": statistics.median(x["load_s"] for x in rs),
+            "cpu_per_wall": [round(x["cpu_per_wall"]["backend"], 2) for x in rs],
+            "contended": [min(x["cpu_per_wall"].values()) < CONTENDED * x["threads"] for x in rs],
+            "threads": sorted({x["threads"] for x in rs}),
         }
     skipped = {s: setup["schemes"][s]["error"] for s in SCHEMES if not setup["schemes"][s]["ok"]}
     if not setup["export"].get("ok"):
         skipped["onnx"] = setup["export"]["error"]
     return {"model": GPT124M, "parameters": setup["parameters"], "tokens": FORWARD_TOKENS, "rounds": rounds,
-            "warmup": warmup, "reps": reps, "rows": rows, "skipped": skipped,
-            "order": "fresh process per measurement; per round fp32 first and last, the others between, "
-                     "their order reversed every other round"}
+            "warmup": warmup, "reps": reps, "pause_s": PAUSE_S, "rows": rows, "skipped": skipped,
+            "order": "per round one fresh process per backend, holding it and the fp32 reference loaded from disk, "
+                     "forwards alternated A B B A; backends in an order reversed every other round"}
 
 
 def run_generation(model_dir: Path, base: dict, gen_rounds: int, t_start: float) -> dict:
@@ -494,6 +537,7 @@ def run_generation(model_dir: Path, base: dict, gen_rounds: int, t_start: float)
             "prompt": prompt, "new": new, "cached_s": cached, "recompute_s": recompute, "speedup": recompute / cached,
             "round_speedups": [x["seconds"]["recompute"] / x["seconds"]["cached"] for x in runs],
             "cached_tokens_per_s": new / cached, "recompute_tokens_per_s": new / recompute,
+            "cpu_per_wall": [x["cpu_per_wall"] for x in runs],
             "same_tokens": all(x["same_tokens"] for x in runs),
             "first_difference": [x["first_difference"] for x in runs if not x["same_tokens"]],
             "target": TARGET_KV[prompt],
@@ -517,14 +561,21 @@ def judge(rep: dict) -> list[dict]:
         paths.append((meets, row["speedup"], name, row, ppl))
     if paths:
         meets, speedup, name, row, ppl = max(paths)  # one that meets all three first, then the fastest
-        label = f"best CPU int8 path: {BACKENDS[name]}"
+        label = f"best CPU int8 path ({BACKENDS[name].split(' (')[0]})"
         out.append({"target": f"{label}: speed vs fp32 eager", "bound": f">= {TARGET_INT8_SPEEDUP}x",
                     "value": f"{speedup:.2f}x", "reached": speedup >= TARGET_INT8_SPEEDUP, "path": name})
         out.append({"target": f"{label}: file vs fp32", "bound": f"<= {TARGET_INT8_SIZE}x",
                     "value": f"{row['size_ratio']:.3f}x", "reached": row["size_ratio"] <= TARGET_INT8_SIZE, "path": name})
-        out.append({"target": f"{label}: perplexity change (trained tiny-gpt)", "bound": f"<= +{TARGET_INT8_PPL_PCT}%",
+        out.append({"target": f"{label}: perplexity, trained tiny-gpt", "bound": f"<= +{TARGET_INT8_PPL_PCT}%",
                     "value": "not measured" if ppl is None else f"{ppl:+.2f}%",
                     "reached": ppl is not None and ppl <= TARGET_INT8_PPL_PCT, "path": name})
+    elif quality:  # (b) alone: each int8 path's perplexity
+        for name in INT8_PATHS:
+            ppl = quality.get(name, {}).get("change_pct")
+            if ppl is not None:
+                out.append({"target": f"CPU int8 path ({BACKENDS[name].split(' (')[0]}): perplexity, trained model",
+                            "bound": f"<= +{TARGET_INT8_PPL_PCT}%", "value": f"{ppl:+.2f}%",
+                            "reached": ppl <= TARGET_INT8_PPL_PCT, "path": name})
     if "onnx-fp32" in fwd:
         s = fwd["onnx-fp32"]["speedup"]
         out.append({"target": "ONNX Runtime fp32 vs fp32 eager", "bound": f">= {TARGET_ONNX_FP32_SPEEDUP}x",
@@ -551,7 +602,8 @@ def print_report(rep: dict) -> None:
         quality = rep.get("quality", {}).get("rows", {})
         for name, r in f["rows"].items():
             ppl = quality.get(name, {}).get("change_pct")
-            per_round = " ".join(f"{x:.2f}" for x in r["round_speedups"])
+            flags = r.get("contended") or [False] * len(r["round_speedups"])
+            per_round = " ".join(f"{x:.2f}" + ("*" if c else "") for x, c in zip(r["round_speedups"], flags))
             size = "-" if r["size_ratio"] is None else f"{r['size_ratio']:.3f}"
             mb = "-" if r["file_bytes"] is None else f"{r['file_bytes'] / 1e6:.1f}"
             print(f"{r['label']:40s} {r['median_ms']:9.1f} {r['speedup']:7.2f}x {per_round:>20s} {mb:>8s} "
@@ -559,8 +611,13 @@ def print_report(rep: dict) -> None:
         for name, why in f["skipped"].items():
             print(f"{name:40s} not measured: {why}")
         threads = sorted({t for r in f["rows"].values() for t in r["threads"]})
-        print(f"(speedup: ratio of medians over all rounds; per-round: the mean of the round's two fp32 medians over "
-              f"the backend's; torch threads {threads}; size: weights file(s) over the fp32 model.safetensors)")
+        cpu = [c for r in f["rows"].values() for c in r["cpu_per_wall"]]
+        print(f"(speedup: median over rounds of the fp32 forwards beside the backend over the median of the backend's; "
+              f"per-round: the same within each process; fp32 ms: all its forwards; torch threads {threads}; "
+              f"size: weights file(s) over the fp32 model.safetensors)")
+        print(f"(CPU time / wall time of the timed forwards, per worker: min {min(cpu):.2f}, median "
+              f"{statistics.median(cpu):.2f}, max {max(cpu):.2f}; * marks a round whose process got under "
+              f"{CONTENDED:.0%} of its threads' time, crowded out by another process: the medians keep it)")
         print()
     if "quality" in rep:
         qu = rep["quality"]
@@ -591,12 +648,15 @@ def print_report(rep: dict) -> None:
         g = rep["generation"]
         print(f"(c) greedy generation on the 124M model, fp32: KV-cached `generate` vs recomputing every step "
               f"({g['rounds']} round(s), median)")
-        head = f"{'prompt + new':14s} {'cached s':>9s} {'recompute s':>11s} {'speedup':>8s} {'cached tok/s':>12s} {'same tokens':>11s}"
+        head = (f"{'prompt + new':14s} {'cached s':>9s} {'recompute s':>11s} {'speedup':>8s} {'per-round':>12s} "
+                f"{'cached tok/s':>12s} {'same tokens':>11s} {'min cpu/wall':>12s}")
         print(head)
         print("-" * len(head))
         for key, s in g["shapes"].items():
-            print(f"{key:14s} {s['cached_s']:9.2f} {s['recompute_s']:11.2f} {s['speedup']:7.1f}x "
-                  f"{s['cached_tokens_per_s']:12.1f} {str(s['same_tokens']):>11s}")
+            per_round = " ".join(f"{x:.1f}" for x in s["round_speedups"])
+            cpu = min(min(d.values()) for d in s["cpu_per_wall"])
+            print(f"{key:14s} {s['cached_s']:9.2f} {s['recompute_s']:11.2f} {s['speedup']:7.1f}x {per_round:>12s} "
+                  f"{s['cached_tokens_per_s']:12.1f} {str(s['same_tokens']):>11s} {cpu:12.2f}")
         print()
     print("targets (issue 5)")
     head = f"{'target':78s} {'bound':>8s} {'measured':>10s}  result"
