@@ -89,7 +89,7 @@ def test_checkpoint_dir_that_is_not_one(workdir: Path) -> None:
 def test_eval_of_a_dir_that_is_not_a_model_dir(workdir: Path) -> None:
     (workdir / "nomodel").mkdir()
     proc = run_cli(workdir, "eval", "nomodel", check=False)
-    assert_clean_failure(proc, 2, "nomodel", "not a model dir")
+    assert_clean_failure(proc, 2, "nomodel", "neither a model dir")
 
 
 def test_nproc_zero(workdir: Path) -> None:
