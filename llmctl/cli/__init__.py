@@ -17,12 +17,13 @@ from llmctl.cli import eval as eval_cmd
 from llmctl.cli import export as export_cmd
 from llmctl.cli import prepare as prepare_cmd
 from llmctl.cli import recipes as recipes_cmd
+from llmctl.cli import serve as serve_cmd
 from llmctl.cli import train as train_cmd
 from llmctl.cli import tune as tune_cmd
 
 app = typer.Typer(
     name="llmctl",
-    help="Take a language model through its life: prepare data, train, tune, evaluate, compress, export.\n\n"
+    help="Take a language model through its life: prepare data, train, tune, evaluate, compress, export, serve.\n\n"
     "Start with [bold]llmctl recipes ls[/], copy one with [bold]llmctl recipes cp tiny-gpt my.yaml[/], then "
     "[bold]llmctl train my.yaml[/].",
     rich_markup_mode="rich",
@@ -54,6 +55,7 @@ app.command("tune", epilog=tune_cmd.EPILOG)(tune_cmd.tune_cli)
 app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_cli)
 app.command("compress", epilog=compress_cmd.EPILOG)(compress_cmd.compress_cli)
 app.command("export", epilog=export_cmd.EPILOG)(export_cmd.export_cli)
+app.command("serve", epilog=serve_cmd.EPILOG)(serve_cmd.serve_cli)
 app.command("env", epilog=env_cmd.EPILOG)(env_cmd.env_cli)
 
 

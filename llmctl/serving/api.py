@@ -1,0 +1,538 @@
+"""The HTTP API: OpenAI's /v1/completions, /v1/chat/completions and /v1/models over the generation
+engine, plus /health and /metrics, as a FastAPI app.
+
+Every refusal is OpenAI's error object with a 4xx status (bad input), 401 (API key), or 503 (loading,
+a full queue: with Retry-After). A client that goes away cancels its engine requests, so its batch
+slots are freed at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmctl.serving.chat import ChatTemplate, ChatTemplateError
+from llmctl.serving.decoding import ChoicePiece, ChoiceStats, EngineFailure, StopStrings, choice_pieces
+from llmctl.serving.metrics import ServerMetrics
+from llmctl.serving.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Unsupported,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    validation_error,
+)
+
+# Labels of llmctl_requests_total: the routes, and "other" for any path (never the raw path: unbounded).
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_BODY_BYTES = 16 * 2**20
+RETRY_AFTER_QUEUE_FULL_S = 1
+RETRY_AFTER_LOADING_S = 2
+# Server-sent events per second, all streams together, before a stream's tokens are grouped into fewer
+# events: each event costs the event loop tens of microseconds (JSON, HTTP framing, a send) that the
+# model's threads want too. A lone stream still gets each token as its own event; 16 streams get one
+# at most every 8 ms each (bench_serve, 2 CPU cores: ~+10% tokens/s at 16 clients).
+STREAM_EVENTS_PER_S = 2000
+
+
+@dataclass
+class ServingState:
+    """What the HTTP layer serves: filled in before listening, except `engine`, set once the model loads."""
+
+    model_name: str
+    tokenizer: Any  # tokenizers.Tokenizer
+    eot_id: int
+    context_length: int  # tokens, prompt and completion together
+    vocab_size: int
+    max_tokens_limit: int
+    chat_template: ChatTemplate
+    metrics: ServerMetrics
+    api_key: str | None = None
+    backend: str = "torch"
+    engine: Any = None
+    status: str = "loading"  # loading | ready | failed | stopping
+    failure: str | None = None
+    open_streams: int = 0  # choices being streamed now
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def require_engine(self) -> Any:
+        if self.status == "ready" and self.engine is not None:
+            return self.engine
+        if self.status == "loading":
+            raise ApiError(503, f"the model {self.model_name} is still loading; retry shortly.", type="server_error",
+                           code="model_loading", headers={"Retry-After": str(RETRY_AFTER_LOADING_S)})
+        if self.status == "stopping":
+            raise ApiError(503, "the server is shutting down.", type="server_error", code="shutting_down")
+        raise ApiError(503, f"the model failed to load: {self.failure}", type="server_error", code="model_failed")
+
+
+def create_app(state: ServingState) -> FastAPI:
+    """The FastAPI app serving `state`'s model; the engine may arrive later (`state.engine`)."""
+    app = FastAPI(title="llmctl serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Gatekeeper, state=state)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_error(list(exc.errors()))
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message, code = f"no such endpoint: {request.method} {request.url.path}", "not_found"
+        elif exc.status_code == 405:
+            message, code = f"{request.method} is not allowed on {request.url.path}", "method_not_allowed"
+        else:
+            message, code = str(exc.detail), None
+        return JSONResponse(error_body(message, code=code), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: answer in OpenAI's shape; uvicorn logs the traceback, the server lives on.
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", type="server_error"), 500)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = {"status": state.status, "model": state.model_name, "backend": state.backend}
+        if state.status == "ready":
+            return JSONResponse(body)
+        if state.failure:
+            body["error"] = state.failure
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_LOADING_S)})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        payload, content_type = state.metrics.render()
+        return Response(payload, media_type=content_type)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "llmctl",
+                "max_model_len": state.context_length}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        _check_model(state, model_id)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        arrived = time.perf_counter()
+        engine = state.require_engine()
+        _check_request(state, body)
+        prompts = [_prompt_ids(state, p) for p in _prompt_list(body.prompt)]
+        job = _Job(state, engine, body, prompts, chat=False, logprobs=body.logprobs, param="prompt", arrived=arrived)
+        return await job.respond(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        arrived = time.perf_counter()
+        engine = state.require_engine()
+        _check_request(state, body)
+        try:
+            text = state.chat_template.render([m.as_template_input() for m in body.messages])
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        prompt = _prompt_ids(state, text)
+        job = _Job(state, engine, body, [prompt], chat=True, logprobs=body.engine_logprobs(), param="messages",
+                   arrived=arrived)
+        return await job.respond(request)
+
+    return app
+
+
+# --------------------------------------------------------------------------- request checks
+
+
+def _check_model(state: ServingState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise ApiError(404, f"model {model!r} is not served here; this server serves {state.model_name!r}.",
+                       param="model", code="model_not_found")
+
+
+def _check_request(state: ServingState, body: Any) -> None:
+    _check_model(state, body.model)
+    try:
+        body.check_supported()
+    except Unsupported as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    if body.max_tokens is not None and body.max_tokens > state.max_tokens_limit:
+        raise ApiError(400, f"max_tokens: at most {state.max_tokens_limit} on this server, got {body.max_tokens}.",
+                       param="max_tokens", code="max_tokens_exceeded")
+
+
+def _prompt_list(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's four prompt forms as a list of prompts (each text or token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+def _prompt_ids(state: ServingState, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        ids = state.tokenizer.encode(prompt, add_special_tokens=False).ids
+    else:
+        bad = [i for i in prompt if not 0 <= i < state.vocab_size]
+        if bad:
+            raise ApiError(400, f"prompt: token id {bad[0]} is outside this model's vocabulary (0..{state.vocab_size - 1}).",
+                           param="prompt")
+        ids = list(prompt)
+    # An empty prompt starts a fresh document: the model continues from an end-of-text token.
+    return ids or [state.eot_id]
+
+
+# --------------------------------------------------------------------------- one request's generation
+
+
+class _Job:
+    """One API request: its prompts x n engine requests, answered as one JSON body or one event stream."""
+
+    def __init__(self, state: ServingState, engine: Any, body: Any, prompts: list[list[int]], *, chat: bool,
+                 logprobs: int | None, param: str, arrived: float):
+        self.state, self.engine, self.body, self.prompts = state, engine, body, prompts
+        self.chat, self.logprobs, self.arrived = chat, logprobs, arrived
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.max_tokens = [self._max_tokens(p, param) for p in prompts]
+        self.stops = StopStrings(body.stop_strings())
+        self.stats = [ChoiceStats() for _ in range(len(prompts) * body.n)]
+        self.handles: list[Any] = []
+
+    def _max_tokens(self, prompt: list[int], param: str) -> int:
+        """The completion budget of one prompt (tokens); refuses a request that cannot fit the context."""
+        state, asked = self.state, self.body.max_tokens
+        room = state.context_length - len(prompt)
+        if asked is None:
+            default = DEFAULT_COMPLETION_MAX_TOKENS if not self.chat else state.max_tokens_limit
+            asked = min(default, state.max_tokens_limit, room)
+            if asked >= 1:
+                return asked
+            asked = 1
+        if len(prompt) + asked > state.context_length:
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {state.context_length} tokens, but {len(prompt) + asked} were "
+                f"requested ({len(prompt)} in the {param}, {asked} for the completion); shorten the {param} or lower "
+                "max_tokens.",
+                param=param if room < 1 else "max_tokens", code="context_length_exceeded",
+            )
+        return asked
+
+    def _submit(self) -> None:
+        # The engine module imports torch: imported here, once the model is loaded, not before listening.
+        from llmctl.serving.engine import EngineStopped, GenerationRequest, QueueFull
+
+        body = self.body
+        temperature = 1.0 if body.temperature is None else body.temperature
+        try:
+            for prompt, max_tokens in zip(self.prompts, self.max_tokens):
+                for j in range(body.n):
+                    request = GenerationRequest(
+                        prompt_ids=prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p,
+                        top_k=body.top_k, stop_ids=[self.state.eot_id],
+                        seed=None if body.seed is None else (body.seed + j) % 2**63, logprobs=self.logprobs,
+                    )
+                    self.handles.append(self.engine.submit(request))
+        except QueueFull:
+            self._cancel()
+            raise ApiError(503, "the server's queue is full; retry shortly.", type="server_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_QUEUE_FULL_S)}) from None
+        except EngineStopped:
+            self._cancel()
+            raise ApiError(503, "the server is shutting down.", type="server_error", code="shutting_down") from None
+        except ValueError as e:  # the engine's own checks; the ones above should have caught it first
+            self._cancel()
+            raise ApiError(400, str(e)) from None
+        self.state.metrics.prompt_tokens.inc(sum(len(p) for p in self.prompts))
+
+    def _cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+    async def respond(self, request: Request) -> Response:
+        self._submit()
+        if self.body.stream:
+            return _EventStream(self._events(), on_close=self._cancel,
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            choices = await _unless_disconnected(request, self._collect())
+        except EngineFailure as e:
+            raise ApiError(500, f"generation failed: {e}", type="server_error") from None
+        finally:
+            self._cancel()
+        if choices is None:  # the client went away: nobody reads an answer
+            return Response(status_code=499)
+        body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.state.model_name, "choices": choices, "usage": self._usage()}
+        return JSONResponse(body)
+
+    def _usage(self) -> dict[str, int]:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(s.completion_tokens for s in self.stats)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _token_text(self, token_id: int) -> str:
+        return self.state.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def _choice(self, index: int) -> AsyncIterator[ChoicePiece]:
+        """The pieces of one choice, its tokens counted in the metrics however it ends."""
+        metrics = self.state.metrics
+        try:
+            async with aclosing(choice_pieces(
+                self.handles[index], self.state.tokenizer, self.stops, started_at=self.arrived,
+                stats=self.stats[index], keep_tokens=self.logprobs is not None,
+                on_first_token=metrics.time_to_first_token.observe, on_next_token=metrics.time_per_output_token.observe,
+            )) as pieces:
+                async for piece in pieces:
+                    yield piece
+        finally:
+            metrics.completion_tokens.inc(self.stats[index].completion_tokens)
+
+    async def _pieces(self) -> AsyncIterator[tuple[int, ChoicePiece]]:
+        """(choice index, piece) of every choice, as they come; several choices run one task each."""
+        if len(self.handles) == 1:  # the common case, without a task and a queue between each token
+            async with aclosing(self._choice(0)) as pieces:
+                async for piece in pieces:
+                    yield 0, piece
+            self.state.metrics.request_latency.observe(time.perf_counter() - self.arrived)
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async with aclosing(self._choice(index)) as pieces:
+                    async for piece in pieces:
+                        queue.put_nowait((index, piece))
+            except BaseException as e:  # handed to the reader, which re-raises it
+                queue.put_nowait((index, e))
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(self.handles))]
+        try:
+            open_choices = len(tasks)
+            while open_choices:
+                index, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    open_choices -= 1
+                yield index, item
+            self.state.metrics.request_latency.observe(time.perf_counter() - self.arrived)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _collect(self) -> list[dict[str, Any]]:
+        texts = [""] * len(self.handles)
+        tokens: list[list[Any]] = [[] for _ in self.handles]
+        finish: list[str | None] = [None] * len(self.handles)
+        async with aclosing(self._pieces()) as pieces:
+            async for index, piece in pieces:
+                texts[index] += piece.text
+                tokens[index] += piece.tokens
+                finish[index] = piece.finish_reason or finish[index]
+        choices = []
+        for i, text in enumerate(texts):
+            logprobs = None
+            if self.logprobs is not None:
+                logprobs = chat_logprobs(tokens[i], self._token_text) if self.chat else completion_logprobs(
+                    tokens[i], self._token_text, 0)
+            if self.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                                "logprobs": logprobs, "finish_reason": finish[i]})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish[i]})
+        return choices
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        """The server-sent events of a streamed answer, ending with `data: [DONE]`."""
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+        head = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.state.model_name}
+        offsets = [0] * len(self.handles)
+        if self.chat:  # the first chunk of each choice names the role, as OpenAI's do
+            yield _sse({**head, "choices": [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(len(self.handles))], **extra})
+        # Every chunk shares all but its choice: render that part once (a chunk per token adds up).
+        before = b"data: " + _json(head)[:-1] + b',"choices":['
+        after = b"]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+        held: dict[int, ChoicePiece] = {}  # text not sent yet: its stream sent an event too recently
+        sent_at: dict[int, float] = {}
+        self.state.open_streams += len(self.handles)
+        try:
+            async with aclosing(self._pieces()) as pieces:
+                async for index, piece in pieces:
+                    if index in held:
+                        piece = held.pop(index).followed_by(piece)
+                    if not (piece.text or piece.tokens or piece.finish_reason is not None):
+                        continue
+                    now = time.perf_counter()
+                    interval = self.state.open_streams / STREAM_EVENTS_PER_S
+                    if piece.finish_reason is None and now - sent_at.get(index, -1e9) < interval:
+                        held[index] = piece
+                        continue
+                    sent_at[index] = now
+                    yield before + _json(self._chunk_choice(index, piece, offsets)) + after
+        except EngineFailure as e:
+            yield _sse(error_body(f"generation failed: {e}", type="server_error"))
+        finally:
+            self.state.open_streams -= len(self.handles)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": self._usage()})
+        yield b"data: [DONE]\n\n"
+
+    def _chunk_choice(self, index: int, piece: ChoicePiece, offsets: list[int]) -> dict[str, Any]:
+        """One choice of a stream chunk: the new text (a chat delta) and the logprobs of its tokens."""
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = chat_logprobs(piece.tokens, self._token_text) if self.chat else completion_logprobs(
+                piece.tokens, self._token_text, offsets[index])
+        offsets[index] += len(piece.text)
+        if self.chat:
+            delta = {"content": piece.text} if piece.text else {}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": piece.finish_reason}
+        return {"index": index, "text": piece.text, "logprobs": logprobs, "finish_reason": piece.finish_reason}
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + _json(obj) + b"\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """A text/event-stream response that cancels its engine requests however it ends (finished,
+    client gone, server cancelled)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], None], headers: dict[str, str]):
+        super().__init__(content, headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await `work`, or give up (cancelling it, returning None) when the client disconnects first."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+# --------------------------------------------------------------------------- auth, request counting, size cap
+
+
+def _json_for_curl(scope: Any) -> Any:
+    """`curl -d '{...}'` labels its JSON body application/x-www-form-urlencoded; read it as JSON, as
+    OpenAI-compatible servers are used that way. Only without an Origin header: a browser always sends
+    one on a cross-site POST, so a web page still cannot make a form post count as an API call."""
+    if scope.get("method") != "POST" or not scope["path"].startswith("/v1/"):
+        return scope
+    headers = list(scope.get("headers") or [])
+    names = {k for k, _ in headers}
+    ctype = dict(headers).get(b"content-type", b"")
+    if b"origin" in names or not (ctype == b"" or ctype.startswith(b"application/x-www-form-urlencoded")):
+        return scope
+    headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
+    return {**scope, "headers": headers}
+
+
+class _Gatekeeper:
+    """ASGI middleware: counts every answer by endpoint and status, requires the API key on /v1/*, and
+    refuses bodies over MAX_BODY_BYTES (by Content-Length)."""
+
+    def __init__(self, app: Any, state: ServingState):
+        self.app, self.state = app, state
+        self._expected = f"Bearer {state.api_key}".encode() if state.api_key else None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        status = [500]
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        scope = _json_for_curl(scope)
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            self.state.metrics.requests.labels(endpoint, str(status[0])).inc()
+
+    def _refusal(self, scope: Any) -> Response | None:
+        headers = dict(scope.get("headers") or [])
+        if self._expected is not None and scope["path"].startswith("/v1/"):
+            given = headers.get(b"authorization", b"")
+            if not given:
+                return _error_response(401, "no API key given; send it as the header 'Authorization: Bearer KEY'.",
+                                       "invalid_api_key")
+            scheme, _, key = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(b"Bearer " + key.strip(), self._expected):
+                return _error_response(401, "incorrect API key.", "invalid_api_key")
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return JSONResponse(error_body(f"the body is over {MAX_BODY_BYTES // 2**20} MiB.", code="body_too_large"),
+                                status_code=413)
+        return None
+
+
+def _error_response(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse(error_body(message, code=code), status_code=status, headers={"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,282 @@
+"""Run the API under uvicorn: check the model dir and the port before anything else, listen, load the
+model in a thread while /health answers 503, and on SIGTERM stop accepting, finish what is in flight,
+stop the engine and return 0."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import signal
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import uvicorn
+
+from llmctl.artifacts import ExportDir, ModelDir, read_json_artifact
+from llmctl.errors import EXIT_BAD_INPUT, EXIT_FAILURE, LlmctlError
+
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class ServeOptions:
+    """`llmctl serve`'s settings (see its --help)."""
+
+    path: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch_size: int = 16  # sequences decoded together
+    max_queue: int = 64  # sequences waiting for a batch slot before 503
+    max_tokens_limit: int | None = None  # largest max_tokens a request may ask for; default: the context length
+    dtype: str = "fp32"
+    model_name: str | None = None
+
+
+@dataclass
+class ModelInfo:
+    """What can be known of a model or export dir without loading its weights (cheap: no torch)."""
+
+    path: Path
+    backend: str  # torch | onnxruntime
+    config: dict[str, Any]
+    config_path: Path
+    tokenizer: Any  # tokenizers.Tokenizer
+    eot_id: int
+    context_length: int
+    vocab_size: int
+    quantization: str | None
+
+
+def inspect_model(path: Path, dtype: str) -> ModelInfo:
+    """Check that `path` is a servable model or export dir and read its config and tokenizer; refuses
+    anything else with an LlmctlError naming what to change."""
+    from tokenizers import Tokenizer
+
+    from llmctl.data.tokenizer import eot_id
+    from llmctl.models.loading import backend_of
+
+    path = Path(path)
+    if dtype not in DTYPES:
+        raise LlmctlError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}.")
+    backend = backend_of(path)
+    if backend == "torch":
+        layout = ModelDir(path)
+        layout.check()
+        config_path, tokenizer_path, what = layout.config, layout.tokenizer, "model dir"
+    else:
+        export = ExportDir(path)
+        for needed in (export.onnx, export.tokenizer, export.config):
+            if not needed.is_file():
+                raise LlmctlError(f"{path}: an export dir without {needed.name}; write it again with `llmctl export`.")
+        config_path, tokenizer_path, what = export.config, export.tokenizer, "export dir"
+    config = read_json_artifact(config_path, what)
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as e:  # the Rust side raises a bare Exception for any parse problem
+        raise LlmctlError(f"{tokenizer_path}: not a readable tokenizer.json ({e}).") from None
+    context, vocab = config.get("context_length"), config.get("vocab_size")
+    if not isinstance(context, int) or context < 2 or not isinstance(vocab, int) or vocab < 1:
+        raise LlmctlError(f"{config_path}: needs integer context_length and vocab_size; the {what} is damaged.")
+    quantization = config.get("quantization")
+    scheme = quantization.get("scheme") if isinstance(quantization, dict) else None
+    if dtype == "bf16" and backend == "onnxruntime":
+        raise LlmctlError(f"--dtype bf16: {path} is an export dir, run by ONNX Runtime in fp32; drop --dtype "
+                          "or serve the model dir it was exported from.")
+    if dtype == "bf16" and scheme:
+        raise LlmctlError(f"--dtype bf16: {path} is quantized ({scheme}) and runs in its own precision; drop --dtype.")
+    return ModelInfo(path, backend, config, config_path, tokenizer, eot_id(tokenizer), context, vocab, scheme)
+
+
+def default_model_name(path: Path) -> str:
+    """The run's name for runs/<name>/model, else the directory's own name."""
+    path = Path(path).resolve()
+    if path.name == "model" and (path.parent / "recipe.yaml").is_file():
+        return path.parent.name
+    return path.name
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (not yet listening); a port in use or a bad host is an LlmctlError."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise LlmctlError(f"--host {host}: not an address this machine can listen on ({e.strerror}).") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop (TIME_WAIT)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise LlmctlError(f"--port {port}: already in use on {host}; stop what listens there or pick another "
+                              "port with --port.") from None
+        if e.errno == errno.EACCES:
+            raise LlmctlError(f"--port {port}: needs privileges on this machine; pick one above 1023.") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise LlmctlError(f"--host {host}: not an address of this machine.") from None
+        raise LlmctlError(f"cannot listen on {host}:{port} ({e.strerror}).") from None
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status (0 after a SIGTERM drain, 130 after Ctrl-C).
+
+    Bad input (model dir, port, options) raises LlmctlError before listening. A model that fails to
+    load after listening stops the server: 2 for a bad model dir, 1 for anything else.
+    """
+    from llmctl.serving.api import ServingState, create_app
+    from llmctl.serving.chat import chat_template_of
+    from llmctl.serving.metrics import ServerMetrics
+
+    info = inspect_model(options.path, options.dtype)
+    limit = options.max_tokens_limit or info.context_length
+    if limit < 1:
+        raise LlmctlError(f"--max-tokens-limit {limit}: must be at least 1.")
+    eos = info.tokenizer.id_to_token(info.eot_id) or ""
+    template = chat_template_of(info.config, str(info.config_path), eos)
+    sock = bind_socket(options.host, options.port)
+    name = options.model_name or default_model_name(options.path)
+    state = ServingState(
+        model_name=name, tokenizer=info.tokenizer, eot_id=info.eot_id, context_length=info.context_length,
+        vocab_size=info.vocab_size, max_tokens_limit=limit, chat_template=template, metrics=ServerMetrics(),
+        api_key=options.api_key, backend=_backend_label(info, options.dtype),
+    )
+    config = uvicorn.Config(
+        create_app(state), log_level="warning", access_log=False, lifespan="off", ws="none",
+        timeout_graceful_shutdown=None,  # SIGTERM: every request in flight runs to its end
+    )
+    server = _Server(config)
+    outcome = {"exit": 0}
+    loader = threading.Thread(target=_load, args=(state, info, options, server, outcome, say), name="llmctl-load",
+                              daemon=True)
+
+    def on_listening() -> None:
+        say(f"serving {name} ({state.backend}) from {options.path}")
+        say(f"listening on {_url(sock)}  (OpenAI API under /v1; GET /health, GET /metrics)"
+            + ("; API key required" if options.api_key else ""))
+        if not options.api_key and not _is_loopback(sock):
+            say(f"warning: listening beyond this machine ({options.host}) without --api-key; anyone who reaches "
+                "the port can use the model")
+        loader.start()
+
+    def on_signal(sig: int) -> None:
+        engine = state.engine
+        busy = (engine.batch_size + engine.queue_depth) if engine is not None else 0
+        say(f"{signal.Signals(sig).name}: no new requests; finishing {busy} in flight, then stopping")
+
+    server.on_listening, server.on_signal = on_listening, on_signal
+    server.run(sockets=[sock])
+    if state.status == "loading":
+        state.status = "stopping"  # a signal during loading: the loader starts no engine
+    if loader.is_alive():
+        loader.join()
+    if state.engine is not None:
+        state.status = "stopping"
+        state.engine.stop(drain=True)
+    if outcome["exit"]:
+        return outcome["exit"]
+    say("stopped")
+    return 130 if signal.SIGINT in server.signals else 0
+
+
+def _is_loopback(sock: socket.socket) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+
+
+def _backend_label(info: ModelInfo, dtype: str) -> str:
+    if info.backend == "onnxruntime":
+        return "onnxruntime"
+    return f"torch-{info.quantization}" if info.quantization else f"torch {dtype}"
+
+
+def _load(state: Any, info: ModelInfo, options: ServeOptions, server: "_Server", outcome: dict, say: Callable) -> None:
+    """The startup thread: load the weights, start the engine, mark the server ready (or stop it)."""
+    try:
+        t0 = time.perf_counter()
+        say(f"loading {info.path} ...")
+        from llmctl.models.loading import load_for_inference
+
+        loaded = load_for_inference(info.path)
+        model = loaded.model
+        if options.dtype == "bf16":
+            import torch
+
+            model = model.to(torch.bfloat16)
+        from llmctl.serving.engine import Engine
+
+        if state.status == "stopping":
+            return
+        engine = Engine(model, context_length=info.context_length, max_batch_size=options.max_batch_size,
+                        max_queue=options.max_queue, on_step=state.metrics.on_step)
+        engine.start()
+        state.metrics.bind_engine(engine)
+        state.engine = engine
+        state.status = "ready"
+        say(f"ready in {time.perf_counter() - t0:.1f} s: context {info.context_length} tokens, max_tokens up to "
+            f"{state.max_tokens_limit}, batch {options.max_batch_size}, queue {options.max_queue}")
+    except LlmctlError as e:
+        _fail(state, server, outcome, e.message, EXIT_BAD_INPUT, say)
+    except Exception as e:  # a bug or an environment problem: keep the traceback for the report
+        traceback.print_exc()
+        _fail(state, server, outcome, f"{type(e).__name__}: {e}", EXIT_FAILURE, say)
+
+
+def _fail(state: Any, server: "_Server", outcome: dict, message: str, code: int, say: Callable) -> None:
+    state.failure, state.status = message, "failed"
+    outcome["exit"] = code
+    say(f"error: cannot load the model: {message}")
+    server.should_exit = True
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server, told when it listens, and keeping the exit status of a SIGTERM drain at 0.
+
+    uvicorn re-raises a caught SIGTERM after its graceful shutdown (so the process would end by the
+    signal, status 143); here the signal only starts the shutdown.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.signals: list[int] = []
+        self.on_listening: Callable[[], None] = lambda: None
+        self.on_signal: Callable[[int], None] = lambda sig: None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.on_listening()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        first = not self.signals
+        self.signals.append(sig)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for requests in flight
+        self.should_exit = True
+        if first:
+            self.on_signal(sig)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,444 @@
+"""The HTTP layer of `llmctl serve` in-process, over a scripted engine: wire shapes, text stop strings,
+streaming, every refusal as an OpenAI error object, auth, the queue, metrics, chat templates.
+
+The real engine and the real `llmctl serve` process are covered by tests/integration/test_serve.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any, Callable
+
+import pytest
+from fastapi.testclient import TestClient
+
+from llmctl.errors import LlmctlError
+from llmctl.serving.api import ServingState, create_app
+from llmctl.serving.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError, chat_template_of
+from llmctl.serving.decoding import ChoiceStats, IncrementalDetokenizer, StopStrings, choice_pieces
+from llmctl.serving.engine import GenerationRequest, QueueFull, TokenEvent
+from llmctl.serving.metrics import ServerMetrics
+from llmctl.serving.server import bind_socket
+from tests.conftest import generated_text
+
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from llmctl.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(generated_text(400).splitlines(), vocab_size=300, min_frequency=1,
+                           special_tokens=["<|endoftext|>"])
+
+
+class FakeHandle:
+    def __init__(self, events: list[TokenEvent]):
+        self._events = events
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def events(self):
+        for event in self._events:
+            if self.cancelled:
+                yield TokenEvent(None, None, None, "cancelled")
+                return
+            await asyncio.sleep(0)
+            yield event
+
+
+class FakeEngine:
+    """Answers each request with the token ids `script(request)` gives, then "length"; logprobs made up."""
+
+    def __init__(self, script: Callable[[GenerationRequest], list[int]], *, capacity: int = 100):
+        self.script, self.capacity = script, capacity
+        self.requests: list[GenerationRequest] = []
+        self.handles: list[FakeHandle] = []
+        self.queue_depth = 0
+        self.batch_size = 0
+
+    def submit(self, request: GenerationRequest) -> FakeHandle:
+        if len(self.requests) >= self.capacity:
+            raise QueueFull("full")
+        self.requests.append(request)
+        ids = self.script(request)[: request.max_new_tokens]
+        events = []
+        for i, token in enumerate(ids):
+            top = {token: -0.5, (token + 1) % 300: -1.5} if request.logprobs else None
+            last = i == len(ids) - 1 and len(ids) == request.max_new_tokens
+            events.append(TokenEvent(token, -0.5 if request.logprobs is not None else None, top,
+                                     "length" if last else None))
+        if len(ids) < request.max_new_tokens:
+            events.append(TokenEvent(None, None, None, "stop"))
+        handle = FakeHandle(events)
+        self.handles.append(handle)
+        return handle
+
+
+def make_state(tokenizer: Any, engine: Any = None, **overrides: Any) -> ServingState:
+    state = ServingState(
+        model_name="tiny", tokenizer=tokenizer, eot_id=0, context_length=CONTEXT, vocab_size=300,
+        max_tokens_limit=overrides.pop("max_tokens_limit", 48), metrics=ServerMetrics(),
+        chat_template=overrides.pop("chat_template", chat_template_of({}, "config.json", "<|endoftext|>")), **overrides,
+    )
+    if engine is not None:
+        state.engine, state.status = engine, "ready"
+    return state
+
+
+def ids_of(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+@pytest.fixture
+def serve(tokenizer: Any):
+    """Factory: (TestClient, FakeEngine) for an app whose engine answers every request with `text`."""
+
+    def make(text: str = " return value", **state_overrides: Any) -> tuple[TestClient, FakeEngine]:
+        engine = FakeEngine(lambda r: ids_of(tokenizer, text), capacity=state_overrides.pop("capacity", 100))
+        client = TestClient(create_app(make_state(tokenizer, engine, **state_overrides)), raise_server_exceptions=False)
+        return client, engine
+
+    return make
+
+
+def sse_events(body: str) -> list[Any]:
+    """The data of each server-sent event; "[DONE]" kept as the string."""
+    events = []
+    for block in body.split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        data = block[len("data: "):]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def assert_openai_error(response: Any, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+# --------------------------------------------------------------------------- text from tokens
+
+
+def test_detokenizer_never_splits_a_multibyte_character(tokenizer: Any) -> None:
+    text = "naïve café = value\n    naïve"
+    ids = ids_of(tokenizer, text)
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_strings_hold_back_what_could_grow_into_a_stop_and_find_the_earliest() -> None:
+    stops = StopStrings(["\nclass", "xyz"])
+    assert stops.held_back("def f\ncl") == 3
+    assert stops.held_back("abx") == 1
+    assert stops.held_back("abc") == 0
+    assert stops.find("a xyz \nclass", 0) == 2
+    assert stops.find("a xy", 0) is None
+
+
+def _run_pieces(tokenizer: Any, text: str, stops: list[str]) -> tuple[list[Any], FakeHandle]:
+    ids = ids_of(tokenizer, text)
+    handle = FakeHandle([TokenEvent(t, None, None, None) for t in ids] + [TokenEvent(None, None, None, "length")])
+
+    async def collect() -> list[Any]:
+        return [p async for p in choice_pieces(handle, tokenizer, StopStrings(stops), started_at=0.0, stats=ChoiceStats())]
+
+    return asyncio.run(collect()), handle
+
+
+def test_a_stop_string_spanning_tokens_truncates_the_text_and_cancels_the_request(tokenizer: Any) -> None:
+    pieces, handle = _run_pieces(tokenizer, "def value(self): return value", ["): ret"])
+    assert "".join(p.text for p in pieces) == "def value(self"
+    assert pieces[-1].finish_reason == "stop" and handle.cancelled
+    # Nothing sent before the cut ever carried a part of the stop string.
+    assert all(")" not in p.text for p in pieces)
+
+
+def test_without_a_stop_match_every_token_is_sent_and_the_engine_finish_reason_kept(tokenizer: Any) -> None:
+    pieces, handle = _run_pieces(tokenizer, "def value(self): return value", ["zzz"])
+    assert "".join(p.text for p in pieces) == "def value(self): return value"
+    assert pieces[-1].finish_reason == "length" and not handle.cancelled
+    assert sum(len(p.tokens) for p in pieces) == len(ids_of(tokenizer, "def value(self): return value"))
+
+
+# --------------------------------------------------------------------------- chat templates
+
+
+def test_the_default_chat_template_renders_roles_and_an_open_assistant_turn() -> None:
+    template = ChatTemplate(DEFAULT_CHAT_TEMPLATE, source="default")
+    text = template.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert text == "System: Be brief.\n\nUser: hi\n\nAssistant:"
+
+
+def test_a_hugging_face_style_template_from_config_json_is_used_with_eos_and_raise_exception() -> None:
+    hf = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+          "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    template = chat_template_of({"chat_template": hf}, "m/config.json", "<|endoftext|>")
+    assert template.render([{"role": "user", "content": "hi"}]) == "<|user|>hi<|endoftext|><|assistant|>"
+    with pytest.raises(ChatTemplateError, match="no system role"):
+        template.render([{"role": "system", "content": "x"}])
+
+
+def test_a_chat_template_cannot_escape_the_sandbox_and_a_broken_one_is_refused_at_load() -> None:
+    sneaky = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}", source="evil")
+    with pytest.raises(ChatTemplateError):
+        sneaky.render([{"role": "user", "content": "x"}])
+    with pytest.raises(LlmctlError, match="m/config.json chat_template"):
+        chat_template_of({"chat_template": "{% for m in messages %}"}, "m/config.json", "")
+    with pytest.raises(LlmctlError, match="must be a Jinja2 string"):
+        chat_template_of({"chat_template": 3}, "m/config.json", "")
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def test_completions_answer_in_openai_shape_with_usage_and_logprobs(serve, tokenizer: Any) -> None:
+    client, engine = serve(" return value")
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "def f():", "max_tokens": 30, "logprobs": 2,
+                                             "temperature": 0, "seed": 7, "top_k": 5, "top_p": 0.9})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "tiny"
+    assert isinstance(body["created"], int)
+    (choice,) = body["choices"]
+    assert choice["text"] == " return value" and choice["index"] == 0 and choice["finish_reason"] == "stop"
+    n_new = len(ids_of(tokenizer, " return value"))
+    assert body["usage"] == {"prompt_tokens": len(ids_of(tokenizer, "def f():")), "completion_tokens": n_new,
+                             "total_tokens": len(ids_of(tokenizer, "def f():")) + n_new}
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == " return value" and len(lp["token_logprobs"]) == n_new
+    assert all(len(top) == 2 for top in lp["top_logprobs"]) and lp["text_offset"][0] == 0
+    (request,) = engine.requests
+    assert (request.temperature, request.seed, request.top_k, request.top_p, request.logprobs) == (0, 7, 5, 0.9, 2)
+    assert request.stop_ids == [0] and request.max_new_tokens == 30
+
+
+def test_n_choices_are_n_engine_requests_with_distinct_seeds_and_every_prompt_form_works(serve) -> None:
+    client, engine = serve(" x")
+    r = client.post("/v1/completions", json={"prompt": ["def", "class"], "n": 2, "seed": 3, "max_tokens": 4})
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
+    assert [q.seed for q in engine.requests] == [3, 4, 3, 4]
+    for prompt in ([5, 6, 7], [[5, 6], [7]], "", [[]]):
+        assert client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}).status_code == 200, prompt
+    assert engine.requests[-1].prompt_ids == [0]  # an empty prompt starts after an end-of-text token
+
+
+def test_stop_strings_cut_completions_and_chat_before_the_match(serve) -> None:
+    client, engine = serve(" return value\nclass Stack")
+    r = client.post("/v1/completions", json={"prompt": "def", "max_tokens": 30, "stop": ["\nclass", "zz"]})
+    assert r.json()["choices"][0]["text"] == " return value"
+    assert r.json()["choices"][0]["finish_reason"] == "stop" and engine.handles[-1].cancelled
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stop": "value"})
+    assert r.json()["choices"][0]["message"]["content"] == " return "
+
+
+def test_chat_renders_the_template_and_answers_in_openai_shape(tokenizer: Any) -> None:
+    template = ChatTemplate("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}", source="t")
+    engine = FakeEngine(lambda r: ids_of(tokenizer, " ok"))
+    client = TestClient(create_app(make_state(tokenizer, engine, chat_template=template)))
+    r = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "logprobs": True, "top_logprobs": 1,
+    })
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"] == " ok"
+    assert choice["logprobs"]["content"][0]["top_logprobs"][0]["logprob"] == -0.5
+    assert tokenizer.decode(engine.requests[0].prompt_ids) == "[system] be brief\n[user] hi\n"
+    # No max_tokens: the rest of the context (capped by the server's limit) is the budget.
+    assert engine.requests[0].max_new_tokens == min(48, CONTEXT - len(engine.requests[0].prompt_ids))
+    assert engine.requests[0].logprobs == 1
+
+
+def test_streams_are_server_sent_events_ending_in_done_with_a_usage_chunk(serve) -> None:
+    client, _ = serve(" return value(self)")
+    r = client.post("/v1/completions", json={"prompt": "def", "max_tokens": 30, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks, usage = events[:-2], events[-2]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == " return value(self)"
+    assert all(c["object"] == "text_completion" and c["usage"] is None for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and all("usage" not in e for e in events[:-1])
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == " return value(self)"
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-2]["object"] == "chat.completion.chunk"
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": -0.1}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 49}, "max_tokens"),  # over --max-tokens-limit
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, "n"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_k": 0}, "top_k"),
+    ("/v1/completions", {"prompt": "x", "seed": -1}, "seed"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "stop": 3}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ""}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 1.0}, "presence_penalty"),
+    ("/v1/completions", {"prompt": 3}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/completions", {"prompt": [1, 300]}, "prompt"),
+    ("/v1/completions", {"prompt": [1] * 50, "max_tokens": 16}, "max_tokens"),  # prompt + max_tokens > context
+    ("/v1/completions", {"prompt": [1] * CONTEXT}, "prompt"),  # no room left at all
+    ("/v1/completions", {}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 400}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD_REQUESTS, ids=[f"{p[4:]}-{b}"[:60] for p, b, _ in BAD_REQUESTS])
+def test_bad_parameters_get_a_400_openai_error_naming_the_parameter(serve, path: str, body: dict, param: str) -> None:
+    client, engine = serve()
+    assert_openai_error(client.post(path, json=body), 400, param)
+    assert engine.requests == []
+
+
+@pytest.mark.parametrize("raw,content_type", [(b"{\"prompt\": ", "application/json"), (b"[1, 2]", "application/json"),
+                                              (b"", "application/json"), (b"prompt=x", "text/plain"),
+                                              (b"{\"prompt\": \"x\", \"temperature\": NaN}", "application/json")])
+def test_a_malformed_body_gets_a_400_openai_error(serve, raw: bytes, content_type: str) -> None:
+    client, _ = serve()
+    assert_openai_error(client.post("/v1/completions", content=raw, headers={"content-type": content_type}), 400)
+
+
+def test_unknown_model_route_and_method_get_openai_errors(serve) -> None:
+    client, _ = serve()
+    assert_openai_error(client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"}), 404, "model")
+    assert_openai_error(client.get("/v1/models/gpt-4"), 404, "model")
+    assert client.get("/v1/models/tiny").json()["id"] == "tiny"
+    assert_openai_error(client.get("/v1/nothing"), 404)
+    assert_openai_error(client.get("/v1/completions"), 405)
+
+
+def test_the_models_list_names_the_served_model(serve) -> None:
+    client, _ = serve()
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["tiny"]
+    assert body["data"][0]["object"] == "model" and body["data"][0]["owned_by"] == "llmctl"
+
+
+def test_an_api_key_is_required_on_v1_but_not_on_health_or_metrics(serve) -> None:
+    client, _ = serve(api_key="s3cret")
+    body = {"prompt": "x", "max_tokens": 2}
+    assert_openai_error(client.post("/v1/completions", json=body), 401)["code"] == "invalid_api_key"
+    assert_openai_error(client.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
+    assert_openai_error(client.post("/v1/completions", json=body, headers={"Authorization": "s3cret"}), 401)
+    assert_openai_error(client.get("/v1/models"), 401)
+    # Auth is checked before the body is even parsed: no hint to an unauthenticated caller.
+    assert_openai_error(client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"}), 401)
+    ok = client.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200, ok.text
+    assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_while_the_model_loads_health_and_generation_answer_503(tokenizer: Any) -> None:
+    state = make_state(tokenizer)
+    client = TestClient(create_app(state))
+    assert client.get("/health").status_code == 503
+    r = client.post("/v1/completions", json={"prompt": "x"})
+    assert_openai_error(r, 503)["code"] == "model_loading"
+    assert r.headers["retry-after"]
+    state.engine, state.status = FakeEngine(lambda r: [5]), "ready"
+    assert client.get("/health").json()["status"] == "ready"
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_cancels_the_requests_already_queued(serve) -> None:
+    client, engine = serve(capacity=2)
+    r = client.post("/v1/completions", json={"prompt": "x", "n": 3, "max_tokens": 2})
+    assert_openai_error(r, 503)["code"] == "queue_full"
+    assert int(r.headers["retry-after"]) >= 1
+    assert len(engine.handles) == 2 and all(h.cancelled for h in engine.handles)
+
+
+def test_an_engine_error_is_a_500_server_error_or_an_error_event_never_a_crash(tokenizer: Any) -> None:
+    class Failing(FakeEngine):
+        def submit(self, request):
+            handle = super().submit(request)
+            handle._events = [TokenEvent(5, None, None, None), TokenEvent(None, None, None, "error", "boom")]
+            return handle
+
+    client = TestClient(create_app(make_state(tokenizer, Failing(lambda r: [5]))))
+    error = assert_openai_error(client.post("/v1/completions", json={"prompt": "x"}), 500)
+    assert error["type"] == "server_error" and "boom" in error["message"]
+    events = sse_events(client.post("/v1/completions", json={"prompt": "x", "stream": True}).text)
+    assert events[-1] == "[DONE]" and "boom" in events[-2]["error"]["message"]
+    assert client.get("/health").status_code == 200
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def test_metrics_count_requests_by_endpoint_and_status_and_tokens(serve) -> None:
+    client, _ = serve(" return value")
+    before = client.get("/metrics").text
+    client.post("/v1/completions", json={"prompt": "def", "max_tokens": 4})
+    client.post("/v1/completions", json={"prompt": "def", "max_tokens": -4})
+    after = client.get("/metrics").text
+    ok = dict(endpoint="/v1/completions", status="200")
+    bad = dict(endpoint="/v1/completions", status="400")
+    assert _sample(after, "llmctl_requests_total", **ok) == _sample(before, "llmctl_requests_total", **ok) + 1
+    assert _sample(after, "llmctl_requests_total", **bad) == _sample(before, "llmctl_requests_total", **bad) + 1
+    assert _sample(after, "llmctl_completion_tokens_total") == 4
+    assert _sample(after, "llmctl_prompt_tokens_total") > 0
+    assert _sample(after, "llmctl_time_to_first_token_seconds_count") == 1
+    assert _sample(after, "llmctl_time_per_output_token_seconds_count") == 3
+    client.get("/no/such/path")
+    assert _sample(client.get("/metrics").text, "llmctl_requests_total", endpoint="other", status="404") == 1
+
+
+def test_binding_a_port_in_use_is_bad_input_naming_the_port() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(LlmctlError, match=f"--port {port}: already in use"):
+            bind_socket("127.0.0.1", port)
+    finally:
+        taken.close()
