@@ -13,7 +13,12 @@ class IncrementalDetokenizer:
     incomplete UTF-8 sequence (a byte-level BPE token can carry part of a character).
 
     Decoding a short window of recent tokens, not the whole list, keeps each step O(1) (vLLM's scheme).
+    At most MAX_HELD tokens are held: a character has at most 4 bytes, so text still ending in U+FFFD
+    after that many tokens holds bytes that are invalid, not incomplete (a model can emit any bytes),
+    and waiting longer would only stall the stream.
     """
+
+    MAX_HELD = 4
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
@@ -29,7 +34,8 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         before = self._decode(self.ids[self._prefix : self._read])
         after = self._decode(self.ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        held = len(self.ids) - self._read
+        if len(after) > len(before) and (not after.endswith("\ufffd") or held >= self.MAX_HELD):
             self._prefix, self._read = self._read, len(self.ids)
             return after[len(before) :]
         return ""

@@ -139,6 +139,15 @@ def test_detokenizer_never_splits_a_multibyte_character(tokenizer: Any) -> None:
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_detokenizer_lets_invalid_bytes_through_instead_of_stalling_the_stream(tokenizer: Any) -> None:
+    lead_byte = tokenizer.token_to_id("\u00c3")  # byte 0xC3 alone: the start of a 2-byte character
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.push(lead_byte) for _ in range(8)]
+    assert pieces[0] == ""  # still possibly incomplete: held
+    assert any(pieces[: IncrementalDetokenizer.MAX_HELD]), pieces  # a run of lead bytes is invalid: sent
+    assert "".join(pieces) + detok.flush() == tokenizer.decode([lead_byte] * 8)
+
+
 def test_stop_strings_hold_back_what_could_grow_into_a_stop_and_find_the_earliest() -> None:
     stops = StopStrings(["\nclass", "xyz"])
     assert stops.held_back("def f\ncl") == 3
