@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from llmctl.cli.completion import complete_model_dir, complete_recipe_file
-from llmctl.cli.output import out_console, print_json, reporting_errors, say
+from llmctl.cli.output import out_console, print_json, reporting_errors, say, stage_printer
 
 EPILOG = (
     "Examples: llmctl compress runs/tiny-gpt/model --prune 0.3 --quantize int8 -o out/tiny-int8  |  "
@@ -54,7 +54,7 @@ def compress_cli(
 
         options = resolve_section(model_dir, recipe, "compress", {k: v for k, v in flags.items() if v is not None}, _FLAGS)
         say(f"compressing {model_dir}: {describe(options)}")
-        progress = _stage_printer()
+        progress = stage_printer()
         callbacks = None
         if options.recover_steps and options.prune:
             from llmctl.cli.progress import TrainProgress
@@ -74,29 +74,10 @@ def compress_cli(
             say(f"wrote {output} (report: {output / 'compression.json'})")
 
 
-def _stage_printer():
-    import time
-
-    t0 = time.perf_counter()
-
-    def stage(text: str) -> None:
-        say(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {text}")
-
-    return stage
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
-
-
 def report_table(report: dict[str, Any]) -> Any:
     from rich.table import Table
+
+    from llmctl.training.memory import human_bytes
 
     b, a = report["before"], report["after"]
     table = Table(title="compression (same machine, same run)", header_style="bold", box=None, title_justify="left")

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from llmctl.cli.completion import complete_model_dir, complete_recipe_file
-from llmctl.cli.output import out_console, print_json, reporting_errors, say
+from llmctl.cli.output import out_console, print_json, reporting_errors, say, stage_printer
 from llmctl.errors import EXIT_GATE_FAILED, LlmctlError
 
 EPILOG = (
@@ -55,13 +55,10 @@ def export_cli(
             tokens, _, missing = val_tokens_of(loaded, data, 16384)
             if missing:
                 say(f"[yellow]the int8 graph's perplexity will not be measured:[/] {missing}")
-        import time
-
-        t0 = time.perf_counter()
         report = export_onnx(
             loaded, output, opset=options.opset, atol=options.atol, quantize=options.quantize,
             external_data_threshold=int(options.external_data_mb * 1e6), eval_tokens=tokens,
-            on_progress=lambda text: say(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {text}"),
+            on_progress=stage_printer(),
         )
         result = report.to_dict()
         if json_out:

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -63,3 +63,15 @@ def reporting_errors(json_mode: bool = False) -> Iterator[None]:
 
 def say(message: str) -> None:
     err_console.print(message)
+
+
+def stage_printer() -> Callable[[str], None]:
+    """An `on_stage(text)` callback printing each stage with the seconds since it was made."""
+    import time
+
+    t0 = time.perf_counter()
+
+    def stage(text: str) -> None:
+        say(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {text}")
+
+    return stage

@@ -162,7 +162,8 @@ def _activation_bytes_per_token(s: _Shape, precision: str, device_type: str) -> 
     return s.n_layer * layer + outside + a * V + head_backward
 
 
-def _human_bytes(n: int | None) -> str:
+def human_bytes(n: int | None) -> str:
+    """Bytes in binary units for people: 512 B, 5.26 MiB, 1.20 GiB."""
     if n is None:
         return "unknown"
     if abs(n) < 1024:
@@ -209,22 +210,22 @@ class MemoryPlan:
         sharded = " (sharded)" if self.strategy == "fsdp" and self.processes > 1 else ""
         rows = [
             ("parameters", f"{self.parameters:,}"),
-            ("weights" + sharded, _human_bytes(self.weights_bytes)),
-            ("gradients" + sharded, _human_bytes(self.gradients_bytes)),
-            (f"optimizer state ({self.optimizer})" + sharded, _human_bytes(self.optimizer_bytes)),
+            ("weights" + sharded, human_bytes(self.weights_bytes)),
+            ("gradients" + sharded, human_bytes(self.gradients_bytes)),
+            (f"optimizer state ({self.optimizer})" + sharded, human_bytes(self.optimizer_bytes)),
         ]
         if self.buffers_bytes:
             label = "DDP gradient buckets" if self.strategy == "ddp" else "FSDP gathered units"
-            rows.append((label, _human_bytes(self.buffers_bytes)))
+            rows.append((label, human_bytes(self.buffers_bytes)))
         if self.weight_copies_bytes:
-            rows.append((f"{self.precision} weight copies", _human_bytes(self.weight_copies_bytes)))
+            rows.append((f"{self.precision} weight copies", human_bytes(self.weight_copies_bytes)))
         rows += [
-            (f"activations (micro-batch {self.micro_batch_size})", _human_bytes(self.activations_bytes)),
-            ("estimated peak", _human_bytes(self.peak_bytes)),
-            (f"free on device ({self.device})", _human_bytes(self.device_free_bytes)),
+            (f"activations (micro-batch {self.micro_batch_size})", human_bytes(self.activations_bytes)),
+            ("estimated peak", human_bytes(self.peak_bytes)),
+            (f"free on device ({self.device})", human_bytes(self.device_free_bytes)),
         ]
         if self.budget_bytes is not None and self.budget_bytes != self.device_free_bytes:
-            rows.append(("budget", _human_bytes(self.budget_bytes)))
+            rows.append(("budget", human_bytes(self.budget_bytes)))
         rows.append(("fits", "yes" if self.fits() else "no"))
         return rows
 
@@ -386,10 +387,10 @@ def choose_micro_batch(
             return m
     assert plan is not None
     raise LlmctlError(
-        f"even micro_batch_size 1 needs an estimated {_human_bytes(plan.peak_bytes)} on {device} "
-        f"(weights {_human_bytes(plan.weights_bytes)}, gradients {_human_bytes(plan.gradients_bytes)}, "
-        f"{optimizer} state {_human_bytes(plan.optimizer_bytes)}, activations {_human_bytes(plan.activations_bytes)}), "
-        f"more than {safety:g} x the budget of {_human_bytes(budget_bytes)} = {_human_bytes(int(limit))}; "
+        f"even micro_batch_size 1 needs an estimated {human_bytes(plan.peak_bytes)} on {device} "
+        f"(weights {human_bytes(plan.weights_bytes)}, gradients {human_bytes(plan.gradients_bytes)}, "
+        f"{optimizer} state {human_bytes(plan.optimizer_bytes)}, activations {human_bytes(plan.activations_bytes)}), "
+        f"more than {safety:g} x the budget of {human_bytes(budget_bytes)} = {human_bytes(int(limit))}; "
         "shrink the model (model.n_layer, model.d_model, model.context_length), use fsdp over more processes, "
         "or raise train.max_memory.",
         kind="memory",
