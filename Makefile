@@ -28,6 +28,7 @@ demo: install
 	$(BIN)/llmctl compress runs/tiny-gpt/model --prune 0.3 --quantize int8 -o out/tiny-int8 --overwrite
 	$(BIN)/llmctl export runs/tiny-gpt/model --quantize int8 -o out/tiny-onnx --overwrite
 	$(BIN)/llmctl eval --compare runs/tiny-gpt/model out/tiny-int8 out/tiny-onnx
+	$(BIN)/python scripts/demo_serve.py runs/tiny-gpt/model out/tiny-onnx
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: install

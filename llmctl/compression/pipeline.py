@@ -42,7 +42,7 @@ def compress_model(
 ) -> dict[str, Any]:
     """Compress the model dir at `model_dir` into `out_dir`; returns the report also written as compression.json."""
     from llmctl.evaluation.profile import profile_models, val_tokens_of
-    from llmctl.models.model_dir import load_model_dir, save_model_dir
+    from llmctl.models.model_dir import carried_config, load_model_dir, save_model_dir
 
     stage = on_stage or (lambda text: None)
     if options.prune == 0 and options.quantize == "none":
@@ -76,7 +76,8 @@ def compress_model(
             "compressed_from": str(Path(model_dir).resolve()),
             "compression": options.model_dump(mode="json"),
         }
-        save_model_dir(model, work / "model", tokenizer_path=loaded.path / "tokenizer.json", provenance=provenance)
+        save_model_dir(model, work / "model", tokenizer_path=loaded.path / "tokenizer.json", provenance=provenance,
+                       extra_config=carried_config(loaded.config))
         stage("measuring both models (the compressed one as loaded from disk), timings interleaved")
         original = load_model_dir(model_dir)
         before, after = profile_models(

@@ -63,6 +63,7 @@ def quantize_model(model: GPT, scheme: str) -> GPT:
         else:
             model.lm_head = int8_linear_type(scheme)(*int8_rows(head_weight))
     model.quantization = {"scheme": scheme, **({"group_size": INT4_GROUP_SIZE} if scheme == "int4-weight" else {})}
+    model.batch_invariant = scheme != "int8"  # as build_quantized_gpt marks it
     return model.eval()
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmctl.models.kv_window import KVLayer, KVWindow
+
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -102,7 +104,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        past: tuple[torch.Tensor, torch.Tensor] | None,
+        past: "tuple[torch.Tensor, torch.Tensor] | KVLayer | None",
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, _ = x.shape
@@ -110,7 +112,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past is not None:
+        if isinstance(past, KVLayer):  # a preallocated cache: written in place, no copy of the past
+            k, v = past.append(k, v)  # (B, nkv, S, hs)
+        elif past is not None:
             k = torch.cat((past[0], k), dim=2)  # (B, nkv, S, hs)
             v = torch.cat((past[1], v), dim=2)
         present = (k, v)
@@ -165,6 +169,8 @@ class GPTBody(nn.Module):
 
 
 class GPT(nn.Module):
+    accepts_kv_window = True  # `past_key_values` may be a KVWindow (the serving batch's preallocated cache)
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
@@ -189,12 +195,15 @@ class GPT(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        past_key_values: KVCache | None = None,
+        past_key_values: KVCache | KVWindow | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         use_cache: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         """Logits (B, T, V) for token ids (B, T); with use_cache also the new per-layer (k, v).
+
+        `past_key_values` is a list of per-layer (k, v), or a `KVWindow` the new keys are written
+        into (the returned (k, v) are then views of it, valid until its owner moves it).
 
         `attention_mask` (B, S) marks the keys (past + new) that are real tokens, for
         padded batches; causality is always applied. A padding position may always see
@@ -202,7 +211,11 @@ class GPT(nn.Module):
         see padding.
         """
         B, T = input_ids.shape
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        window = past_key_values if isinstance(past_key_values, KVWindow) else None
+        if window is not None:
+            past_len = window.length
+        else:
+            past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_size, self.config.rope_theta)
@@ -218,7 +231,8 @@ class GPT(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         presents: KVCache = []
         for i, layer in enumerate(self.model.layers):
-            x, present = layer(x, cos, sin, past_key_values[i] if past_key_values else None, mask)
+            past = window.layer(i) if window is not None else (past_key_values[i] if past_key_values else None)
+            x, present = layer(x, cos, sin, past, mask)
             presents.append(present)
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)
         return (logits, presents) if use_cache else logits
@@ -227,5 +241,10 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_gpt(config: dict[str, Any]) -> GPT:
+def build_gpt(config: dict[str, Any]) -> nn.Module:
+    """The decoder LM; with `num_classes` in the config, a classifier on its body (llmctl/models/classifiers.py)."""
+    if config.get("num_classes") is not None:
+        from llmctl.models.classifiers import build_gpt_classifier
+
+        return build_gpt_classifier(config)
     return GPT(GPTConfig.from_dict(config))

@@ -20,6 +20,16 @@ class LoadedModel:
     path: Path
 
 
+# config.json entries that describe how to use the model rather than its weights (see the serve chat
+# endpoint): a model rebuilt from another, compressed for one, keeps them.
+CARRIED_CONFIG_KEYS = ("chat_template",)
+
+
+def carried_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a model dir's config.json that a model derived from it keeps."""
+    return {k: config[k] for k in CARRIED_CONFIG_KEYS if k in config}
+
+
 def save_model_dir(
     model: Any,
     dest: Path,
@@ -27,16 +37,18 @@ def save_model_dir(
     tokenizer_path: Path,
     provenance: dict[str, Any],
     state_dict: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> None:
     """Write a complete model dir to `dest` atomically (a crash leaves the old one or none).
 
-    `state_dict` overrides the model's own (the gathered one of a sharded model); a tied output
+    `state_dict` overrides the model's own (the gathered one of a sharded model); `extra_config`
+    adds entries to config.json (e.g. `carried_config` of the model it came from); a tied output
     head is stored once, as HF Llama does. A quantized model (`model.quantization` set) stores its
     integer weights and scales as they are and records the scheme in config.json.
     """
     from safetensors.torch import save_file
 
-    config = model.config.to_dict()
+    config = {**model.config.to_dict(), **(extra_config or {})}
     quantization = getattr(model, "quantization", None)
     if quantization:
         config["quantization"] = quantization

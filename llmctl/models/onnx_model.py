@@ -78,6 +78,9 @@ class OnnxCausalLM:
             raise LlmctlError(f"{self.graph_path}: ONNX Runtime cannot open it ({e}).") from None
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.n_layer = len(past) // 2
+        # An int8 graph quantizes each MatMul's activations with one scale over the whole input, so a
+        # row's result depends on the rows batched with it (see llmctl.serving.batch).
+        self.batch_invariant = not _quantizes_activations(self.graph_path)
         _, self.n_kv_head, _, self.head_size = past[0].shape  # (B, n_kv_head, P, head_size)
         self._outputs = output_names(self.n_layer)
 
@@ -147,3 +150,11 @@ def load_export_dir(path: str | Path, file: str = "model.onnx") -> LoadedModel:
         raise LlmctlError(f"{layout.tokenizer}: not a readable tokenizer ({e}).") from None
     provenance = read_json_artifact(layout.provenance, "export dir") if layout.provenance.is_file() else {}
     return LoadedModel(model, dict(model.config), tokenizer, provenance, layout.path)
+
+
+def _quantizes_activations(graph_path: Path) -> bool:
+    """Whether the graph quantizes activations at run time (ONNX Runtime's dynamic int8 ops)."""
+    import onnx
+
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    return any(node.op_type in ("DynamicQuantizeLinear", "DynamicQuantizeMatMul") for node in graph.node)

@@ -268,6 +268,8 @@ def build_quantized_gpt(config: dict[str, Any], tensors: dict[str, torch.Tensor]
     if missing:
         raise ValueError(f"missing tensors {missing[:3]}")
     model.quantization = dict(quantization)
+    # "int8" quantizes activations with one scale per call: a row's result depends on its batch.
+    model.batch_invariant = scheme != "int8"
     return model.eval()
 
 

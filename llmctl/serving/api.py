@@ -246,13 +246,18 @@ class _Job:
         from llmctl.serving.engine import EngineStopped, GenerationRequest, QueueFull
 
         body = self.body
+        sequences = len(self.prompts) * body.n
+        if sequences > self.engine.max_queue:  # it could never be queued, however idle the server
+            raise ApiError(400, f"this request asks for {sequences} sequences ({len(self.prompts)} prompt(s) x n {body.n}) "
+                           f"but this server queues at most {self.engine.max_queue}; lower n or send fewer prompts.",
+                           param="n", code="too_many_sequences")
         temperature = 1.0 if body.temperature is None else body.temperature
         try:
             for prompt, max_tokens in zip(self.prompts, self.max_tokens):
                 for j in range(body.n):
                     request = GenerationRequest(
                         prompt_ids=prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p,
-                        top_k=body.top_k, stop_ids=[self.state.eot_id],
+                        top_k=body.top_k, stop_ids=[] if body.ignore_eos else [self.state.eot_id],
                         seed=None if body.seed is None else (body.seed + j) % 2**63, logprobs=self.logprobs,
                     )
                     self.handles.append(self.engine.submit(request))

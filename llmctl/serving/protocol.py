@@ -60,6 +60,7 @@ class _GenerationRequest(_Strict):
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: Optional[int] = Field(None, ge=1)  # not OpenAI's; vLLM's name for it
+    ignore_eos: bool = False  # not OpenAI's; vLLM's: generate max_tokens tokens whatever the model says (benchmarks)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)

@@ -21,6 +21,9 @@ def _staging_left(folder: Path) -> list[str]:
 
 
 def test_compress_prunes_and_quantizes_into_a_model_dir_that_eval_loads(trained: Path) -> None:
+    source_config = trained / "runs/tiny/model/config.json"
+    template = "{% for m in messages %}{{ m.content }}\n{% endfor %}"
+    source_config.write_text(json.dumps({**json.loads(source_config.read_text()), "chat_template": template}))
     proc = run_cli(trained, "compress", "runs/tiny/model", "--prune", "0.3", "--quantize", "int8", "-o", "out/c", "--json")
     report = json.loads(proc.stdout)
     before, after = report["before"], report["after"]
@@ -35,6 +38,7 @@ def test_compress_prunes_and_quantizes_into_a_model_dir_that_eval_loads(trained:
     assert json.loads((out / "compression.json").read_text())["after"]["perplexity"] == pytest.approx(after["perplexity"])
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["scheme"] == "int8"
+    assert config["chat_template"] == template  # serve's chat endpoint still finds the model's template
     ev = json.loads(run_cli(trained, "eval", "out/c", "--json").stdout)
     assert ev["backend"] == "torch-int8"
     assert ev["perplexity"] == pytest.approx(after["perplexity"], rel=1e-6)

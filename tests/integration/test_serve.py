@@ -415,13 +415,24 @@ def test_an_api_key_guards_v1_and_the_openai_client_uses_it(small_server: Server
 
 def test_a_full_queue_answers_503_with_retry_after(small_server: Server) -> None:
     auth = {"Authorization": "Bearer s3cret"}
-    # One batch slot and one queue slot: the third choice of one request finds both taken.
-    r = complete(small_server.url, {"prompt": "apple", "max_tokens": 50, "n": 3}, headers=auth)
-    error = assert_error(r, 503)
-    assert error["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
-    assert complete(small_server.url, {"prompt": "apple", "max_tokens": 101}, headers=auth).status_code == 400
-    # The refused request's other choices were cancelled: the slots are free again.
-    assert complete(small_server.url, {"prompt": "apple", "max_tokens": 5}, headers=auth).status_code == 200
+    url = small_server.url
+    # More sequences than the queue could ever hold is the request's fault, not the server's load.
+    r = complete(url, {"prompt": "apple", "max_tokens": 5, "n": 2}, headers=auth)
+    assert assert_error(r, 400)["code"] == "too_many_sequences" and r.json()["error"]["param"] == "n"
+    assert complete(url, {"prompt": "apple", "max_tokens": 101}, headers=auth).status_code == 400
+    # One batch slot and one queue slot: a running stream and a waiting one fill both.
+    long = {"prompt": "apple", "max_tokens": 100, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60, headers=auth) as client:
+        with client.stream("POST", f"{url}/v1/completions", json=long) as running:
+            running_lines = running.iter_lines()  # kept: a dropped iterator would close the stream
+            next(running_lines)  # its first token: it holds the batch slot
+            with client.stream("POST", f"{url}/v1/completions", json=long) as waiting:
+                assert waiting.status_code == 200
+                r = complete(url, {"prompt": "apple", "max_tokens": 5}, headers=auth)
+                error = assert_error(r, 503)
+                assert error["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
+    # The clients that went away freed their slots.
+    assert complete(url, {"prompt": "apple", "max_tokens": 5}, headers=auth).status_code == 200
 
 
 # --------------------------------------------------------------------------- shutdown and bad input

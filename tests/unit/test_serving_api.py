@@ -60,6 +60,7 @@ class FakeEngine:
         self.handles: list[FakeHandle] = []
         self.queue_depth = 0
         self.batch_size = 0
+        self.max_queue = 64
 
     def submit(self, request: GenerationRequest) -> FakeHandle:
         if len(self.requests) >= self.capacity:
@@ -396,6 +397,16 @@ def test_a_full_queue_answers_503_with_retry_after_and_cancels_the_requests_alre
     assert_openai_error(r, 503)["code"] == "queue_full"
     assert int(r.headers["retry-after"]) >= 1
     assert len(engine.handles) == 2 and all(h.cancelled for h in engine.handles)
+
+
+def test_more_sequences_than_the_queue_holds_is_a_400_naming_n_and_ignore_eos_drops_the_stop_id(serve) -> None:
+    client, engine = serve()
+    engine.max_queue = 4
+    r = client.post("/v1/completions", json={"prompt": ["x", "y"], "n": 3, "max_tokens": 2})
+    assert assert_openai_error(r, 400, "n")["code"] == "too_many_sequences" and not engine.requests
+    assert client.post("/v1/completions", json={"prompt": ["x", "y"], "n": 2, "max_tokens": 2}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "ignore_eos": True}).status_code == 200
+    assert engine.requests[-1].stop_ids == [] and engine.requests[0].stop_ids != []
 
 
 def test_an_engine_error_is_a_500_server_error_or_an_error_event_never_a_crash(tokenizer: Any) -> None:

@@ -139,10 +139,11 @@ def test_seeded_sampling_gives_the_same_tokens_alone_and_batched(model, make_eng
     assert collect(engine.submit(GenerationRequest(p, 20, **{**sampled, "seed": 124})))[0] != alone
 
 
-def test_the_batch_left_pads_joining_rows_and_cuts_columns_no_kept_row_uses(model):
+@pytest.mark.parametrize("context_length", [None, CONTEXT], ids=["growing-cache", "preallocated-window"])
+def test_the_batch_left_pads_joining_rows_and_cuts_columns_no_kept_row_uses(model, context_length):
     from llmctl.serving.batch import RunningBatch, prefill
 
-    batch = RunningBatch(model, torch.device("cpu"))
+    batch = RunningBatch(model, torch.device("cpu"), context_length=context_length)
     todo = [[1, 2, 3], list(range(10, 19)), [4, 5, 6, 7, 8]]
     with torch.inference_mode():
         caches = [prefill(model, p, torch.device("cpu"))[1] for p in todo]
@@ -155,6 +156,43 @@ def test_the_batch_left_pads_joining_rows_and_cuts_columns_no_kept_row_uses(mode
         batch.keep([0, 2])  # the longest row leaves: only the last 6 columns still hold a real key
         assert (batch.width, batch.lengths, batch.next_ids) == (6, [4, 6], [42, 42])
         assert torch.equal(batch.cache[1][0][1, :, :5], caches[2][1][0][0])
+
+
+def test_the_preallocated_window_gives_the_growing_caches_logits_as_rows_come_and_go(model):
+    """Joins, leaves and the window's moves (a small context: it reaches the buffer's end) change nothing."""
+    from llmctl.serving.batch import RunningBatch, prefill
+
+    cpu = torch.device("cpu")
+    grown, windowed = RunningBatch(model, cpu), RunningBatch(model, cpu, max_rows=4, context_length=64)
+    moves: list[int] = []
+    move = windowed._move_window
+    windowed._move_window = lambda new_end: (moves.append(new_end), move(new_end))  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(4)
+    # Rows take turns (none grows past 64 tokens) while the batch never empties: 150 steps slide the
+    # window past the end of its 64 + 64 columns; then it empties and starts over.
+    plan = [("join", 2), ("step", 25)] + [("join", 2), ("step", 25), ("keep", [2, 3])] * 5 + [
+        ("keep", [1]), ("step", 3), ("keep", []), ("join", 3), ("step", 10)]
+    with torch.inference_mode():
+        for action, arg in plan:
+            if action == "join":
+                rows = []
+                for _ in range(arg):
+                    prompt = torch.randint(1, 300, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+                    rows.append((prefill(model, prompt, cpu)[1], prompt[-1]))
+                grown.join(rows)
+                windowed.join(rows)
+            elif action == "keep":
+                grown.keep(arg)
+                windowed.keep(arg)
+            else:
+                for _ in range(arg):
+                    expected, got = grown.step(), windowed.step()
+                    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+                    next_ids = expected.argmax(-1).tolist()
+                    grown.next_ids, windowed.next_ids = list(next_ids), list(next_ids)
+            assert (windowed.width, windowed.lengths) == (grown.width, grown.lengths)
+    assert windowed._window is not None and windowed._window.keys[0].shape[2] == 64 + 64
+    assert moves  # the window reached the buffer's end and moved back
 
 
 # --- ONNX Runtime ------------------------------------------------------------------------------------
@@ -173,7 +211,7 @@ def onnx_model(model, tmp_path_factory):
                                 special_tokens=["<|endoftext|>"])
     tokenizer.save(str(root / "tokenizer.json"))
     save_model_dir(model, root / "model", tokenizer_path=root / "tokenizer.json", provenance={})
-    report = export_onnx(load_model_dir(root / "model"), root / "export")
+    report = export_onnx(load_model_dir(root / "model"), root / "export", quantize="int8")
     assert report.passed, report.failure
     return OnnxCausalLM(root / "export")
 
@@ -187,6 +225,35 @@ def test_onnx_backend_batched_greedy_equals_its_sequential_generate(onnx_model, 
     expected = [greedy(onnx_model, p, n, [0]) for p, n in zip(todo, budgets)]
     assert got == expected
     assert len({tuple(t) for t in expected}) == len(todo)
+
+
+def test_onnx_int8_graph_batched_greedy_equals_its_sequential_generate(onnx_model, make_engine):
+    """An int8 graph quantizes activations per call: the engine decodes its rows one call each."""
+    from llmctl.models.onnx_model import OnnxCausalLM
+
+    int8 = OnnxCausalLM(onnx_model.graph_path.parent, file="model.int8.onnx")
+    assert not int8.batch_invariant and onnx_model.batch_invariant
+    engine = make_engine(int8, max_batch_size=16)
+    todo = prompts(16, seed=12)
+    budgets = [min(10, CONTEXT - len(p)) - i % 3 for i, p in enumerate(todo)]
+    handles = [engine.submit(GenerationRequest(p, n, temperature=0, stop_ids=[0])) for p, n in zip(todo, budgets)]
+    assert [collect(h)[0] for h in handles] == [greedy(int8, p, n, [0]) for p, n in zip(todo, budgets)]
+
+
+def test_torch_int8_model_batched_greedy_equals_its_sequential_generate(model, make_engine):
+    import copy
+
+    from llmctl.compression.quantization import quantize_model
+
+    int8 = quantize_model(copy.deepcopy(model), "int8")
+    assert int8.batch_invariant is False
+    sizes: list[int] = []
+    engine = make_engine(int8, max_batch_size=16, on_step=sizes.append)
+    todo = prompts(16, seed=13)
+    budgets = [min(12, CONTEXT - len(p)) - i % 4 for i, p in enumerate(todo)]
+    handles = [engine.submit(GenerationRequest(p, n, temperature=0, stop_ids=[0])) for p, n in zip(todo, budgets)]
+    assert [collect(h)[0] for h in handles] == [greedy(int8, p, n, [0]) for p, n in zip(todo, budgets)]
+    assert max(sizes) > 1  # the rows were scheduled together, each decoded in a call of its own
 
 
 # --- finishing: stop ids, length, logprobs ----------------------------------------------------------
