@@ -29,6 +29,12 @@ demo: install
 	$(BIN)/llmctl export runs/tiny-gpt/model --quantize int8 -o out/tiny-onnx --overwrite
 	$(BIN)/llmctl eval --compare runs/tiny-gpt/model out/tiny-int8 out/tiny-onnx
 	$(BIN)/python scripts/demo_serve.py runs/tiny-gpt/model out/tiny-onnx
+	$(BIN)/llmctl train recipes/sentiment-rnn.yaml --overwrite
+	$(BIN)/llmctl eval runs/sentiment-rnn/model
+	$(BIN)/llmctl compress runs/sentiment-rnn/model --quantize int8 -o out/sentiment-int8 --overwrite
+	$(BIN)/llmctl export runs/sentiment-rnn/model --quantize int8 -o out/sentiment-onnx --overwrite
+	$(BIN)/llmctl eval --compare runs/sentiment-rnn/model out/sentiment-int8 out/sentiment-onnx
+	$(BIN)/python scripts/demo_serve.py out/sentiment-onnx
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: install

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """`make demo`'s serving step: start `llmctl serve` on a free loopback port, send it requests with the
-`openai` client (a completion, then a streamed chat), print the answers, and stop it with SIGTERM.
+`openai` client (a completion, then a streamed chat; for a classifier, texts to /v1/classify), print
+the answers, and stop it with SIGTERM.
 
     python scripts/demo_serve.py MODEL_OR_EXPORT_DIR [...]
 
@@ -45,9 +46,27 @@ def serve(path: str) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+SENTENCES = ["the plot was bad but the acting was great", "the music was good yet the story was not good"]
+
+
+def classify(url: str, model: str) -> None:
+    """A classifier answers POST /v1/classify (llmctl's own endpoint; the openai client has none)."""
+    import httpx
+
+    answer = httpx.post(f"{url}/v1/classify", json={"model": model, "input": SENTENCES}, timeout=60).json()
+    print(f"  POST /v1/classify (model {model}, {len(SENTENCES)} texts):")
+    for text, item in zip(SENTENCES, answer["data"]):
+        print(f"    {item['label']:<10} {item['probabilities'][item['label']]:.3f}  {text}")
+
+
 def ask(url: str) -> None:
+    import httpx
     from openai import OpenAI
 
+    card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+    if card.get("task") == "classification":
+        classify(url, card["id"])
+        return
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
     model = client.models.list().data[0].id
     prompt = "def fib(n):"

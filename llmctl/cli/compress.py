@@ -33,7 +33,7 @@ def compress_cli(
     prune_method: Optional[str] = typer.Option(None, "--prune-method", help="global | layer | structured."),
     recover_steps: Optional[int] = typer.Option(None, "--recover-steps", help="Fine-tune this many steps after pruning."),
     recover_lr: Optional[float] = typer.Option(None, "--recover-lr", help="Learning rate of the recovery fine-tune (default train.lr / 10)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8 (dynamic, fastest on CPU) | int8-weight | int4-weight."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8 (dynamic, fastest on CPU) | int8-weight | int4-weight (classifiers: int8)."),
     recipe: Optional[Path] = typer.Option(
         None, "--recipe", help="Take defaults from this recipe's compress section (else the model's own recipe's).",
         autocompletion=complete_recipe_file,
@@ -68,31 +68,70 @@ def compress_cli(
         if json_out:
             print_json(report)
         else:
-            out_console.print(report_table(report))
-            if report.get("perplexity_not_measured"):
-                say(f"[yellow]perplexity not measured:[/] {report['perplexity_not_measured']}")
+            if report.get("task") == "classification":
+                out_console.print(classifier_report_table(report))
+                if report.get("metrics_not_measured"):
+                    say(f"[yellow]accuracy and F1 not measured:[/] {report['metrics_not_measured']}")
+            else:
+                out_console.print(report_table(report))
+                if report.get("perplexity_not_measured"):
+                    say(f"[yellow]perplexity not measured:[/] {report['perplexity_not_measured']}")
             say(f"wrote {output} (report: {output / 'compression.json'})")
 
 
-def report_table(report: dict[str, Any]) -> Any:
+def _table(report: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    from llmctl.training.memory import human_bytes
-
-    b, a = report["before"], report["after"]
     table = Table(title="compression (same machine, same run)", header_style="bold", box=None, title_justify="left")
     for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
         table.add_column(col, justify=justify)
+    return table
 
-    def num(v: Any, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
 
-    def change(x: Any, y: Any, *, inverse: bool = False, pct: bool = False) -> str:
-        if not x or not y:
-            return "-"
-        if pct:
-            return f"{100 * (y / x - 1):+.2f}%"
-        return f"{(x / y if inverse else y / x):.2f}x"
+def _num(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _change(x: Any, y: Any, *, inverse: bool = False, pct: bool = False) -> str:
+    if not x or not y:
+        return "-"
+    if pct:
+        return f"{100 * (y / x - 1):+.2f}%"
+    return f"{(x / y if inverse else y / x):.2f}x"
+
+
+def classifier_report_table(report: dict[str, Any]) -> Any:
+    from llmctl.training.memory import human_bytes
+
+    b, a = report["before"], report["after"]
+    table = _table(report)
+
+    def points(x: Any, y: Any) -> str:
+        return "-" if x is None or y is None else f"{100 * (y - x):+.2f} pts"
+
+    table.add_row("parameters", _num(b["parameters"], ","), _num(a["parameters"], ","), _change(b["parameters"], a["parameters"]))
+    table.add_row("non-zero parameters", _num(b["nonzero_parameters"], ","), _num(a["nonzero_parameters"], ","),
+                  _change(b["nonzero_parameters"], a["nonzero_parameters"]))
+    table.add_row("size on disk", human_bytes(b["size_bytes"]), human_bytes(a["size_bytes"]), _change(b["size_bytes"], a["size_bytes"]))
+    examples = f" ({b['examples']:,} texts)" if b["examples"] else ""
+    table.add_row(f"val accuracy{examples}", _num(b["accuracy"], ".4f"), _num(a["accuracy"], ".4f"), points(b["accuracy"], a["accuracy"]))
+    table.add_row("val macro-F1", _num(b["macro_f1"], ".4f"), _num(a["macro_f1"], ".4f"), points(b["macro_f1"], a["macro_f1"]))
+    shape = f" ({b['forward_batch']} x {b['forward_tokens']} tokens)" if b["forward_ms"] else ""
+    speed = "-"
+    if b["forward_ms"] and a["forward_ms"]:
+        x = b["forward_ms"] / a["forward_ms"]
+        speed = f"{x:.2f}x faster" if x >= 1 else f"{1 / x:.2f}x slower"
+    table.add_row(f"forward latency{shape}", _num(b["forward_ms"], ".2f") + " ms" if b["forward_ms"] else "-",
+                  _num(a["forward_ms"], ".2f") + " ms" if a["forward_ms"] else "-", speed)
+    return table
+
+
+def report_table(report: dict[str, Any]) -> Any:
+    from llmctl.training.memory import human_bytes
+
+    b, a = report["before"], report["after"]
+    table = _table(report)
+    num, change = _num, _change
 
     table.add_row("parameters", num(b["parameters"], ","), num(a["parameters"], ","), change(b["parameters"], a["parameters"]))
     table.add_row("non-zero parameters", num(b["nonzero_parameters"], ","), num(a["nonzero_parameters"], ","),

@@ -34,16 +34,49 @@ def eval_cli(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     max_ppl: Optional[float] = typer.Option(None, "--max-ppl", help="Exit 3 if perplexity is above this (a CI gate)."),
+    predict: Optional[Path] = typer.Option(
+        None, "--predict", help="Classifiers: label the texts of this CSV/JSONL file; predictions with probabilities go to JSONL."
+    ),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Classifiers: where --predict writes (default: OUT/predictions.jsonl)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Classifiers: folder for eval.json, confusion.png and predictions (default: reports/<model dir>)."
+    ),
+    min_f1: Optional[float] = typer.Option(None, "--min-f1", min=0.0, max=1.0, help="Classifiers: exit 3 if macro-F1 is below this (a CI gate)."),
+    min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", min=0.0, max=1.0, help="Classifiers: exit 3 if accuracy is below this."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Score a model (torch or ONNX Runtime) on its val split (or --data / --text); --compare profiles several."""
+    """Score a model (torch or ONNX Runtime) on its val split (or --data / --text); --compare profiles several.
+
+    For a classifier: accuracy, precision, recall and F1 (per class, macro, weighted) and the confusion
+    matrix (a table and a PNG) on its val split, another dataset dir or a labelled CSV/JSONL (--data);
+    --predict FILE labels new texts.
+    """
     with reporting_errors(json_out):
+        classifier_only = {"--predict": predict, "--predictions": predictions, "--out": out, "--min-f1": min_f1,
+                           "--min-accuracy": min_accuracy}
+        if not compare and len(model_dirs) == 1 and _is_classifier(model_dirs[0]):
+            if text:
+                raise LlmctlError("--text scores language models; give a classifier labelled texts with --data FILE.")
+            code = run_classifier_eval(model_dirs[0], data, split, predict, predictions, out, min_f1, min_accuracy, json_out)
+            if code:
+                raise typer.Exit(code)
+            return
+        given = [name for name, value in classifier_only.items() if value is not None]
+        if given:
+            raise LlmctlError(f"{', '.join(given)}: for classifiers; {model_dirs[0]} is a language model.")
         if split not in {"val", "train"}:
             raise LlmctlError(f"--split: must be val or train, got {split!r}.")
         if data and text:
             raise LlmctlError("--data and --text contradict each other; choose one.")
         if len(model_dirs) > 1 and not compare:
             raise LlmctlError(f"{len(model_dirs)} dirs given; pass --compare to profile several side by side.")
+        if compare and all(_is_classifier(path) for path in model_dirs):
+            report = run_classifier_compare(model_dirs, data)
+            if json_out:
+                print_json(report)
+            else:
+                out_console.print(classifier_compare_table(report))
+            return
         if compare:
             report = run_compare(model_dirs, data, text or [], split, max_tokens or 65536)
             if json_out:
@@ -65,6 +98,134 @@ def eval_cli(
         if max_ppl is not None and report["perplexity"] > max_ppl:
             say(f"[red]gate failed:[/] perplexity {report['perplexity']:.3f} > --max-ppl {max_ppl}")
             raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def _is_classifier(path: Path) -> bool:
+    """Whether a model or export dir holds a classifier (its config.json names classes), read without torch."""
+    import json
+
+    from llmctl.artifacts import ExportDir, ModelDir
+    from llmctl.models.loading import backend_of
+
+    config = ExportDir(path).config if backend_of(path) == "onnxruntime" else ModelDir(path).config
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("num_classes") is not None
+    except (OSError, ValueError, AttributeError):
+        return False  # loading it will say what is wrong
+
+
+def run_classifier_eval(model_dir: Path, data: Path | None, split: str, predict: Path | None, predictions: Path | None,
+                        out: Path | None, min_f1: float | None, min_accuracy: float | None, json_out: bool) -> int:
+    """Score a classifier and/or label new texts; returns the exit status (3: a gate failed)."""
+    from llmctl.artifacts import write_json_atomic
+    from llmctl.evaluation.classification import (
+        confusion_table,
+        per_class_table,
+        prediction_row,
+        save_confusion_png,
+        write_predictions_jsonl,
+    )
+    from llmctl.evaluation.classifier_eval import evaluate_classifier, inputs_from_dataset, inputs_from_file, model_labels
+    from llmctl.evaluation.perplexity import dataset_of_model
+    from llmctl.evaluation.profile import backend_name
+    from llmctl.models.loading import load_for_inference
+
+    loaded = load_for_inference(model_dir)
+    _warn_if_unverified(model_dir)
+    labels = model_labels(loaded)
+    out_dir = out or Path("reports") / "-".join(Path(model_dir).resolve().parts[-3:])  # e.g. reports/runs-my-model
+    report: dict = {"model_dir": str(model_dir), "backend": backend_name(loaded), "labels": labels}
+    files: dict[str, str] = {}
+    if predict is None or data is not None:
+        if data is not None and data.is_file():
+            inputs = inputs_from_file(loaded, data, require_labels=True)
+        else:
+            dataset = data if data is not None else dataset_of_model(loaded.provenance, loaded.path).path
+            inputs = inputs_from_dataset(loaded, dataset, split)
+        metrics, _ = evaluate_classifier(loaded, inputs)
+        report.update(metrics)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files["confusion_png"] = str(save_confusion_png(metrics, out_dir / "confusion.png", title=f"{'/'.join(Path(model_dir).parts[-2:])}: {inputs.source.split('/')[-1]}"))
+        files["eval_json"] = str(out_dir / "eval.json")
+    if predict is not None:
+        new = inputs_from_file(loaded, predict, require_labels=False)
+        scored, probs = evaluate_classifier(loaded, new)
+        target = predictions or out_dir / "predictions.jsonl"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        truth = [labels[i] for i in new.labels] if new.labels is not None else [None] * len(probs)
+        rows = (prediction_row(text, p, labels, t) for text, p, t in zip(new.texts or [], probs, truth))
+        count = write_predictions_jsonl(target, rows)
+        files["predictions"] = str(target)
+        report["predicted"] = {"file": str(predict), "examples": count}
+        if new.labels is not None:
+            report["predicted"].update({k: scored[k] for k in ("accuracy", "macro") if k in scored})
+    report["files"] = files
+    if "eval_json" in files:
+        write_json_atomic(Path(files["eval_json"]), {k: v for k, v in report.items() if k != "files"})
+    if json_out:
+        print_json(report)
+    else:
+        _print_classifier_report(report, per_class_table, confusion_table)
+    failures = []
+    if "accuracy" in report:
+        if min_f1 is not None and report["macro"]["f1"] < min_f1:
+            failures.append(f"macro-F1 {report['macro']['f1']:.4f} < --min-f1 {min_f1}")
+        if min_accuracy is not None and report["accuracy"] < min_accuracy:
+            failures.append(f"accuracy {report['accuracy']:.4f} < --min-accuracy {min_accuracy}")
+    elif min_f1 is not None or min_accuracy is not None:
+        raise LlmctlError("--min-f1/--min-accuracy need labelled texts: the val split or --data, not --predict alone.")
+    for failure in failures:
+        say(f"[red]gate failed:[/] {failure}")
+    return EXIT_GATE_FAILED if failures else 0
+
+
+def run_classifier_compare(paths: list[Path], data: Path | None) -> dict:
+    """Accuracy, macro-F1, size and batch latency of several classifiers on the first one's val texts."""
+    from llmctl.compression.classifier_pipeline import profile_classifiers, val_inputs_of
+    from llmctl.models.loading import load_for_inference
+
+    loaded = [load_for_inference(path) for path in paths]
+    for path in paths:
+        _warn_if_unverified(path)
+    inputs, why = val_inputs_of(loaded[0], data, None)
+    if inputs is None:
+        raise LlmctlError(f"{paths[0]}: {why}")
+    say(f"profiling {len(loaded)} classifiers on {len(inputs.lengths):,} texts of {inputs.source}; timings interleaved")
+    rows = [p.to_dict() for p in profile_classifiers(loaded, inputs, [str(p) for p in paths])]
+    return {"source": inputs.source, "examples": int(len(inputs.lengths)), "rows": rows}
+
+
+def classifier_compare_table(report: dict):
+    from rich.table import Table
+
+    from llmctl.training.memory import human_bytes
+
+    table = Table(title=f"on {report['source']}, {report['examples']:,} texts", header_style="bold", box=None,
+                  title_justify="left")
+    table.add_column("model", overflow="fold")
+    table.add_column("backend", no_wrap=True)
+    for col in ("accuracy", "macro-F1", "size", "forward ms"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in report["rows"]:
+        ms = "-" if r["forward_ms"] is None else f"{r['forward_ms']:.2f} ({r['forward_batch']}x{r['forward_tokens']})"
+        table.add_row(r["name"], r["backend"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", human_bytes(r["size_bytes"]), ms)
+    return table
+
+
+def _print_classifier_report(report: dict, per_class_table, confusion_table) -> None:
+    if "accuracy" in report:
+        out_console.print(
+            f"{report['model_dir']} ({report['backend']}) on {report['source']}: {report['examples']:,} examples, "
+            f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro']['f1']:.4f}"
+        )
+        out_console.print(per_class_table(report))
+        out_console.print(confusion_table(report))
+    if "predicted" in report:
+        p = report["predicted"]
+        scored = f" (accuracy {p['accuracy']:.4f} against its labels)" if "accuracy" in p else ""
+        out_console.print(f"labelled {p['examples']:,} texts of {p['file']}{scored}")
+    for name, path in report["files"].items():
+        say(f"wrote {path}")
 
 
 def _eval_tokens(loaded, data: Path | None, text: list[Path], split: str) -> tuple:

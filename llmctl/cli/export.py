@@ -1,4 +1,4 @@
-"""`llmctl export`: write a model dir as ONNX (KV-cached decoder), verified against PyTorch at export."""
+"""`llmctl export`: write a model dir as ONNX (KV-cached decoder or classifier), verified against PyTorch at export."""
 
 from __future__ import annotations
 
@@ -31,11 +31,13 @@ def export_cli(
         None, "--recipe", help="Take defaults from this recipe's export section (else the model's own recipe's).",
         autocompletion=complete_recipe_file,
     ),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset dir whose val split judges the int8 graph (default: the model's own)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Dataset dir whose val split judges the int8 graph (a classifier's parity check too; default: the model's own).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output dir if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as one JSON object on stdout."),
 ) -> None:
-    """Export to ONNX with past key/values, check it against PyTorch, optionally quantize to int8."""
+    """Export to ONNX (a decoder with past key/values, or a classifier), check it against PyTorch, optionally quantize to int8."""
     with reporting_errors(json_out):
         if format != "onnx":
             raise LlmctlError(f"--format {format!r}: expected onnx.")
@@ -50,19 +52,23 @@ def export_cli(
         options = resolve_section(model_dir, recipe, "export", {k: v for k, v in flags.items() if v is not None}, _FLAGS)
         check_output_dir(output, overwrite=overwrite, sources=[model_dir], marker="export.json")
         loaded = load_model_dir(model_dir)
+        classifier = getattr(loaded.model, "task", None) == "classification"
         tokens = None
-        if options.quantize == "int8":
+        if options.quantize == "int8" and not classifier:
             tokens, _, missing = val_tokens_of(loaded, data, 16384)
             if missing:
                 say(f"[yellow]the int8 graph's perplexity will not be measured:[/] {missing}")
         report = export_onnx(
             loaded, output, opset=options.opset, atol=options.atol, quantize=options.quantize,
             external_data_threshold=int(options.external_data_mb * 1e6), eval_tokens=tokens,
-            on_progress=stage_printer(),
+            data=data if classifier else None, on_progress=stage_printer(),
         )
         result = report.to_dict()
         if json_out:
             print_json(result)
+        elif classifier:
+            out_console.print(parity_table(report.rows, options.atol))
+            _print_classifier_figures(report.figures)
         else:
             out_console.print(parity_table(report.rows, options.atol))
             _print_int8(report.figures.get("int8"))
@@ -94,3 +100,21 @@ def _print_int8(int8: dict[str, Any] | None) -> None:
     else:
         text += f"; perplexity {ppl}"
     say(text)
+
+
+def _print_classifier_figures(figures: dict[str, Any]) -> None:
+    v = figures["verification"]
+    p = v["predictions"]
+    same = "identical" if p["identical"] else f"NOT identical ({p['first_difference']})"
+    say(f"predicted labels {same} on {p['compared']:,} texts ({v['inputs']}; batch sizes {', '.join(map(str, v['batch_sizes']))})")
+    int8 = figures.get("int8")
+    if not int8:
+        return
+    text = f"int8: {int8['file']} is {1 / int8['size_ratio']:.2f}x the fp32 size ({int8['weight_scales']} scales)"
+    acc, f1 = int8.get("accuracy"), int8.get("macro_f1")
+    if isinstance(acc, dict):
+        text += (f"; val accuracy {acc['fp32']:.4f} -> {acc['int8']:.4f}, macro-F1 {f1['fp32']:.4f} -> {f1['int8']:.4f}"
+                 f" on {int8['examples']:,} texts")
+    else:
+        text += f"; accuracy {acc}"
+    say(text + f"; predictions agree with fp32 on {100 * int8['agreement_with_fp32']:.2f}%")

@@ -1,4 +1,4 @@
-"""`llmctl prepare`: train a tokenizer and write token shards."""
+"""`llmctl prepare`: train a tokenizer and write token shards (or labelled splits, for classification)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ def prepare_cli(
     force: bool = typer.Option(False, "--force", help="Prepare again even if the inputs are unchanged."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (meta.json's figures) on stdout."),
 ) -> None:
-    """Train a BPE tokenizer on the recipe's sources and write the dataset dir (train.bin, val.bin, meta.json)."""
+    """Train a BPE tokenizer on the recipe's sources and write the dataset dir (train.bin, val.bin, meta.json).
+
+    With data.task: classification, read labelled CSV/JSONL rows and write padded token ids, lengths and labels per split.
+    """
     from llmctl.config import load_recipe
 
     with reporting_errors(json_out):
@@ -31,6 +34,8 @@ def prepare_cli(
 
 
 def _summary(meta: dict) -> dict:
+    if meta.get("task") == "classification":
+        return _classification_summary(meta)
     splits = meta.get("splits", {})
     return {
         "vocab_size": meta.get("vocab_size"),
@@ -40,6 +45,44 @@ def _summary(meta: dict) -> dict:
         "bytes": meta.get("sources", {}).get("bytes"),
         "unigram_perplexity": meta.get("unigram", {}).get("perplexity"),
     }
+
+
+def _classification_summary(meta: dict) -> dict:
+    splits = meta.get("splits", {})
+    return {
+        "task": "classification",
+        "vocab_size": meta.get("vocab_size"),
+        "train_examples": splits.get("train", {}).get("examples"),
+        "val_examples": splits.get("val", {}).get("examples"),
+        "split": meta.get("split"),
+        "labels": meta.get("labels"),
+        "num_classes": meta.get("num_classes"),
+        "class_counts": {name: s.get("class_counts") for name, s in splits.items()},
+        "max_len": meta.get("max_len"),
+        "truncated": {name: s.get("truncated") for name, s in splits.items()},
+        "files": meta.get("sources", {}).get("files"),
+        "bytes": meta.get("sources", {}).get("bytes"),
+    }
+
+
+def _class_counts(counts: dict[str, int], most: int = 8) -> str:
+    """`negative 2,394 · positive 2,406`, the first `most` classes then how many more."""
+    from rich.markup import escape
+
+    shown = " · ".join(f"{escape(label)} {n:,}" for label, n in list(counts.items())[:most])
+    return shown + (f" · ... ({len(counts) - most} more)" if len(counts) > most else "")
+
+
+def _say_classification(out_dir: Path, s: dict) -> None:
+    say(
+        f"{out_dir}: {s['files']} file(s), {s['bytes'] / 1e6:.1f} MB -> {s['train_examples']:,} train / "
+        f"{s['val_examples']:,} val examples ({'from data.val_sources' if s['split'] == 'val_sources' else 'stratified'}), "
+        f"{s['num_classes']} classes, vocab {s['vocab_size']}, max_len {s['max_len']}"
+    )
+    for name in ("train", "val"):
+        truncated = s["truncated"][name]
+        cut = f"{truncated:,} truncated to {s['max_len']} tokens" if truncated else "none truncated"
+        say(f"  {name + ':':6} {_class_counts(s['class_counts'][name])}; {cut}")
 
 
 def run_prepare(resolved, *, force: bool = False):
@@ -53,6 +96,8 @@ def run_prepare(resolved, *, force: bool = False):
     s = _summary(result.meta)
     if result.skipped:
         say(f"{out_dir}: up to date (inputs unchanged; --force to prepare again)")
+    elif s.get("task") == "classification":
+        _say_classification(out_dir, s)
     else:
         say(
             f"{out_dir}: {s['files']} files, {s['bytes'] / 1e6:.1f} MB -> {s['train_tokens']:,} train / "

@@ -74,12 +74,18 @@ class TrainProgress(TrainCallbacks):
         self._last_plain = 0.0
 
     def on_start(self, info: dict[str, Any]) -> None:
-        err_console.print(plan_table(info["plan"]))
+        if info["plan"] is not None:
+            err_console.print(plan_table(info["plan"]))
         chosen = " (chosen by micro_batch_size: auto)" if info["micro_batch_auto"] else ""
+        if info.get("task", "lm") == "lm":
+            per_step = f"{info['batch_size'] * info['context_length']:,} tokens/step"
+        else:
+            per_step = (f"{info['batch_size']} examples/step ({info['train_examples']:,} train, {info['val_examples']:,} val; "
+                        f"classes {', '.join(map(str, info['classes']))})")
         err_console.print(
             f"training {info['parameters'] / 1e6:.2f}M parameters on {info['device']} x{info['processes']} "
             f"({info['precision']}, {info['strategy'] if info['processes'] > 1 else 'one process'}), "
-            f"{info['tokens_per_step']:,} tokens/step, micro-batch {info['micro_batch_size']}{chosen} x "
+            f"{per_step}, micro-batch {info['micro_batch_size']}{chosen} x "
             f"{info['accumulation']} accumulation -> {info['run_dir']}"
         )
         if info["start_step"]:
@@ -119,6 +125,14 @@ class TrainProgress(TrainCallbacks):
                 err_console.print(f"step {step}/{self._max}  {self._stats()}")
 
     def on_eval(self, row: dict[str, Any]) -> None:
+        if "val_f1" in row:
+            best = next((f"best {k[5:]} {v:.4f}" for k, v in row.items() if k.startswith("best_") and k != "best_val_loss"),
+                        f"best val loss {row['best_val_loss']:.4f}")
+            err_console.print(
+                f"step {row['step']}: val loss {row['val_loss']:.4f}  accuracy {row['val_accuracy']:.4f}  "
+                f"macro-F1 {row['val_f1']:.4f}  ({best})"
+            )
+            return
         err_console.print(
             f"step {row['step']}: val loss {row['val_loss']:.4f}  ppl {row['val_ppl']:.2f}  "
             f"(best {row['best_val_loss']:.4f})"

@@ -1,4 +1,5 @@
-"""`llmctl serve`: an OpenAI-compatible HTTP server (completions, chat, models) over a model or export dir."""
+"""`llmctl serve`: an OpenAI-compatible HTTP server (completions, chat, models) over a model or export dir, or
+POST /v1/classify over a classifier."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from llmctl.cli.output import reporting_errors, say
 EPILOG = (
     "Examples: llmctl serve runs/tiny-gpt/model  |  llmctl serve out/tiny-onnx --port 8080 --api-key s3cret  |  "
     "curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"def \", \"max_tokens\": 32}'"
+    "  |  a classifier: curl localhost:8000/v1/classify -d '{\"input\": [\"the plot was good\", \"not great\"]}'"
 )
 
 
@@ -26,15 +28,19 @@ def serve_cli(
         None, "--api-key", envvar="LLMCTL_API_KEY", show_envvar=True,
         help="Require 'Authorization: Bearer KEY' on /v1/* (else 401); the env var keeps it out of `ps`.",
     ),
-    max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="Sequences decoded together."),
-    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Sequences waiting for a slot; beyond it requests get 503 + Retry-After."),
+    max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="Sequences decoded together (a language model)."),
+    max_queue: int = typer.Option(
+        64, "--max-queue", min=1,
+        help="Sequences (a classifier: requests) waiting for the model; beyond it requests get 503 + Retry-After.",
+    ),
     max_tokens_limit: Optional[int] = typer.Option(
         None, "--max-tokens-limit", min=1, help="Largest max_tokens a request may ask for (default: the context length)."
     ),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16: weights and compute of a torch model dir."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model's id in the API (default: the run's name)."),
 ) -> None:
-    """Serve a model over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions, /v1/models, streaming too."""
+    """Serve a model over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions, /v1/models, streaming too;
+    a classifier answers POST /v1/classify with labels and probabilities."""
     with reporting_errors():
         from llmctl.serving.server import ServeOptions, serve
 

@@ -77,9 +77,14 @@ def train_cli(
             return
         finally:
             progress.close()
-        best = f", best val loss {result.best_val_loss:.4f} at step {result.best_step}" if result.best_val_loss else ""
-        say(f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s{best}")
-        say(f"model: {result.model_dir}  (next: llmctl eval {result.model_dir} --prompt \"def \")")
+        monitor, best_value = result.extra.get("monitor", "val_loss"), result.extra.get("best_monitor")
+        best = f", best {monitor.replace('_', ' ')} {best_value:.4f} at step {result.best_step}" if best_value is not None else ""
+        if result.extra.get("task", "lm") == "lm":
+            say(f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s{best}")
+            say(f"model: {result.model_dir}  (next: llmctl eval {result.model_dir} --prompt \"def \")")
+        else:
+            say(f"done: {result.step} steps, {result.extra['examples']:,} examples in {result.elapsed_s:.0f} s{best}")
+            say(f"model: {result.model_dir}  (next: llmctl eval {result.model_dir})")
         if json_out:
             print_json(
                 {

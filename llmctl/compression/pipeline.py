@@ -2,7 +2,8 @@
 
 The result is a model dir like any other (eval, export and serve load it without flags) with a
 `compression.json` beside the weights. Everything is written under a staging dir and moved into
-place at the end, so a failure leaves nothing under the output name.
+place at the end, so a failure leaves nothing under the output name. Classifier model dirs are
+handed to `llmctl.compression.classifier_pipeline` once loaded.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def compress_model(
 ) -> dict[str, Any]:
     """Compress the model dir at `model_dir` into `out_dir`; returns the report also written as compression.json."""
     from llmctl.evaluation.profile import profile_models, val_tokens_of
-    from llmctl.models.model_dir import carried_config, load_model_dir, save_model_dir
+    from llmctl.models.model_dir import load_model_dir
 
     stage = on_stage or (lambda text: None)
     if options.prune == 0 and options.quantize == "none":
@@ -55,6 +56,11 @@ def compress_model(
         raise LlmctlError(
             f"{model_dir}: already quantized ({loaded.config['quantization'].get('scheme')}); compress the float model it came from."
         )
+    if getattr(loaded.model, "task", None) == "classification":
+        from llmctl.compression.classifier_pipeline import compress_classifier
+
+        return compress_classifier(loaded, Path(model_dir), Path(out_dir), options, data=data,
+                                   measure_speed=measure_speed, on_stage=stage)
     tokens, byte_lengths, no_data = val_tokens_of(loaded, data, options.eval_tokens)
     if tokens is None and (options.prune_method == "structured" and options.prune or options.recover_steps):
         raise LlmctlError(f"{no_data} Structured pruning and recovery need the model's data.")
@@ -71,13 +77,7 @@ def compress_model(
             stage(f"quantizing to {options.quantize}")
             model = quantize_model(model, options.quantize)
         stage("writing the model dir")
-        provenance = {
-            **loaded.provenance,
-            "compressed_from": str(Path(model_dir).resolve()),
-            "compression": options.model_dump(mode="json"),
-        }
-        save_model_dir(model, work / "model", tokenizer_path=loaded.path / "tokenizer.json", provenance=provenance,
-                       extra_config=carried_config(loaded.config))
+        save_compressed(model, loaded, model_dir, options, work / "model")
         stage("measuring both models (the compressed one as loaded from disk), timings interleaved")
         original = load_model_dir(model_dir)
         before, after = profile_models(
@@ -175,3 +175,17 @@ def _report(options: CompressConfig, before: Any, after: Any, pruning: dict | No
         "recovery": recovery,
         "perplexity_not_measured": no_data,
     }
+
+
+def save_compressed(model: Any, loaded: Any, model_dir: Path, options: CompressConfig, dest: Path) -> None:
+    """Write a compressed model as a model dir: the source's tokenizer and usage settings (chat template,
+    labels), and provenance that records where it came from and how it was compressed."""
+    from llmctl.models.model_dir import carried_config, save_model_dir
+
+    provenance = {
+        **loaded.provenance,
+        "compressed_from": str(Path(model_dir).resolve()),
+        "compression": options.model_dump(mode="json"),
+    }
+    save_model_dir(model, dest, tokenizer_path=loaded.path / "tokenizer.json", provenance=provenance,
+                   extra_config=carried_config(loaded.config))

@@ -1,8 +1,9 @@
-"""Pruning of `gpt` models: magnitude zeros in the decoder's weights, or whole heads and MLP channels removed.
+"""Pruning: magnitude zeros in a model's weight matrices, or whole heads and MLP channels of a `gpt` model removed.
 
-`prune_unstructured` zeroes the smallest weights of the decoder Linear layers in place (the file
-keeps its shapes; the zeros pay off once compressed or run by a sparse kernel). `prune_structured`
-returns a new, genuinely smaller dense model that saves and loads as a plain `gpt`.
+`prune_unstructured` zeroes the smallest weights in place (the file keeps its shapes; the zeros pay
+off once compressed or run by a sparse kernel): the decoder Linear layers of a `gpt` model (language
+model or classifier), the recurrent weight matrices of an rnn/lstm/gru classifier. `prune_structured`
+returns a new, genuinely smaller dense `gpt` language model that saves and loads as a plain `gpt`.
 """
 
 from __future__ import annotations
@@ -21,34 +22,52 @@ SCOPES = ("global", "layer")
 _CALIBRATION_ROWS_PER_FORWARD = 8  # sequences per calibration forward, to bound activation memory
 
 
-def prune_unstructured(model: GPT, sparsity: float, scope: str = "global") -> dict:
-    """Zero the `sparsity` share of smallest-magnitude weights of the decoder Linear layers, in place.
+def prune_unstructured(model: nn.Module, sparsity: float, scope: str = "global") -> dict:
+    """Zero the `sparsity` share of smallest-magnitude weights of the model's prunable matrices, in place.
 
-    `scope` "global" ranks all those weights together (layers end up unequally sparse); "layer" gives
-    each weight matrix the same sparsity. Embeddings, the output head and norms are left alone.
+    Those are the decoder Linear layers of a `gpt` model or classifier, and the recurrent
+    weight_ih / weight_hh matrices of an rnn, lstm or gru classifier (`prune_targets`). `scope`
+    "global" ranks all those weights together (matrices end up unequally sparse); "layer" gives
+    each matrix the same sparsity. Embeddings, output heads, biases and norms are left alone.
     Returns {"scope", "target_sparsity", "pruned_weights", "prunable_weights"} (counts of weights).
     """
-    _check_float_gpt(model)
+    targets = prune_targets(model)
     if scope not in SCOPES:
         raise LlmctlError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}.")
     if not 0.0 <= sparsity < 1.0:
         raise LlmctlError(f"pruning sparsity must be in [0, 1), got {sparsity}.")
-    linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
-    targets = [(m, "weight") for m in linears]
     if scope == "global":
         prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
     else:
-        for m in linears:
-            prune.l1_unstructured(m, "weight", amount=sparsity)
-    pruned = sum(int((m.weight_mask == 0).sum()) for m in linears)
-    for m in linears:
-        prune.remove(m, "weight")  # the masked weight becomes the plain parameter again
+        for m, name in targets:
+            prune.l1_unstructured(m, name, amount=sparsity)
+    pruned = sum(int((getattr(m, f"{name}_mask") == 0).sum()) for m, name in targets)
+    for m, name in targets:
+        prune.remove(m, name)  # the masked weight becomes the plain parameter again
     return {
         "scope": scope,
         "target_sparsity": sparsity,
         "pruned_weights": pruned,
-        "prunable_weights": sum(m.weight.numel() for m in linears),
+        "prunable_weights": sum(getattr(m, name).numel() for m, name in targets),
     }
+
+
+def prune_targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, parameter name) of every matrix `prune_unstructured` prunes in `model`.
+
+    The decoder Linear layers of a `gpt` language model or classifier; the recurrent weight_ih_l* /
+    weight_hh_l* of an rnn, lstm or gru classifier (torch's pruning reparametrizes them in place,
+    and nn.RNN's flat weights follow). Refuses a quantized model and any other kind of model.
+    """
+    from llmctl.models.classifiers import GPTClassifier, RNNClassifier
+
+    if getattr(model, "quantization", None):
+        raise LlmctlError("cannot prune a quantized model; prune the float model first, then quantize.")
+    if isinstance(model, (GPT, GPTClassifier)):
+        return [(m, "weight") for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    if isinstance(model, RNNClassifier):
+        return [(model.rnn, name) for name in model.rnn._flat_weights_names if name.startswith("weight_")]
+    raise LlmctlError(f"can only prune `gpt` models and rnn/lstm/gru/gpt classifiers, not {type(model).__name__}.")
 
 
 def prune_structured(model: GPT, fraction: float, calibration: torch.Tensor | None = None) -> GPT:

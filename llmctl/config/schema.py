@@ -33,20 +33,26 @@ class RunConfig(_Section):
 
 
 class SourceSpec(_Section):
-    """One input of `prepare`: a file, directory, glob, or `builtin:stdlib`."""
+    """One input of `prepare`: a file, directory, glob, `builtin:stdlib` or `builtin:sentiment`."""
 
-    path: str = Field(description="A file, directory, glob (data/**/*.txt), or builtin:stdlib.")
+    path: str = Field(description="A file, directory, glob (data/**/*.txt), builtin:stdlib (this Python's standard "
+                      "library) or builtin:sentiment (llmctl's generated labelled sentences).")
     format: Literal["auto", "text", "jsonl", "csv"] = Field(
         "auto", description="How to read it; auto goes by the extension (.jsonl/.json, .csv, else text)."
     )
     field: str = Field("text", description="The JSONL field or CSV column that holds the text.")
+    label_field: str = Field("label", description="classification: the JSONL field or CSV column that holds the label.")
 
 
 class DataConfig(_Section):
+    task: Literal["lm", "classification"] = Field(
+        "lm", description="lm: token shards for language modelling; classification: labelled texts (CSV/JSONL with a "
+        "text and a label column) for sequence classification.",
+    )
     dir: str | None = Field(None, description="Dataset dir written by prepare; defaults to data/<run.name>.")
     sources: list[SourceSpec] = Field(
         default_factory=lambda: [SourceSpec(path="builtin:stdlib")],
-        description="Inputs: paths, globs, directories, JSONL/CSV files, or builtin:stdlib. "
+        description="Inputs: paths, globs, directories, JSONL/CSV files, builtin:stdlib or builtin:sentiment. "
         "A plain string is a path; use {path, format, field} to name a JSONL field or CSV column.",
     )
     tokenizer: str | None = Field(
@@ -59,7 +65,8 @@ class DataConfig(_Section):
         description="Special tokens; the first one separates documents (end of text).",
     )
     val_fraction: float = Field(
-        0.02, gt=0, lt=0.5, description="Share of documents held out for validation, chosen by a hash of each."
+        0.02, gt=0, lt=0.5, description="Share held out for validation: lm, documents chosen by a hash of each; "
+        "classification, rows of every class (stratified, seeded by run.seed).",
     )
     encoding_errors: Literal["strict", "replace"] = Field(
         "strict", description="What to do with bytes that are not UTF-8 in your files: stop (strict) or replace."
@@ -70,6 +77,30 @@ class DataConfig(_Section):
     chunk_bytes: int = Field(
         1_000_000, ge=4096, description="Bytes of text encoded per parallel batch; bounds prepare's memory."
     )
+    max_len: int = Field(
+        128, ge=1, le=1_000_000, description="classification: tokens kept per text (longer ones are truncated, shorter padded).",
+    )
+    labels: list[str] | None = Field(
+        None, description="classification: the label set in class order (class 0, 1, ...); null: the train labels, "
+        "sorted (numerically when all are integers).",
+    )
+    val_sources: list[SourceSpec] | None = Field(
+        None, description="classification: labelled val files; null: a stratified val_fraction of sources is held out.",
+    )
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_strings(cls, v: object) -> object:
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    @field_validator("val_sources", mode="before")
+    @classmethod
+    def _val_strings_are_paths(cls, v: object) -> object:
+        if v is None:
+            return v
+        return cls._strings_are_paths(v)
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -98,7 +129,10 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    family: Literal["gpt"] = Field("gpt", description="Model family from the registry (gpt: Llama-style decoder).")
+    family: Literal["gpt", "rnn", "lstm", "gru"] = Field(
+        "gpt", description="Model family from the registry. gpt: Llama-style decoder (with data.task: classification, "
+        "a transformer classifier on that backbone); rnn, lstm, gru: recurrent classifiers (classification only).",
+    )
     n_layer: int = Field(4, ge=1, le=256, description="Transformer blocks.")
     n_head: int = Field(4, ge=1, description="Attention (query) heads.")
     n_kv_head: int | None = Field(
@@ -121,9 +155,19 @@ class ModelConfig(_Section):
     init_from: str | None = Field(
         None, description="Start from this model dir's weights (its config.json must match this section); null: random init."
     )
+    hidden_size: int | None = Field(
+        None, ge=1, description="rnn/lstm/gru: units per recurrent layer (per direction); null means d_model.",
+    )
+    bidirectional: bool = Field(False, description="rnn/lstm/gru: also read each text right to left.")
+    pooling: Literal["last", "mean", "max"] = Field(
+        "last", description="Classifiers: how per-token states become one vector: the last real token's state "
+        "(both directions' final states when bidirectional), or the mean or max over real tokens.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
+        if self.family != "gpt":
+            return self
         if self.head_dim is None and self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
         head = self.head_dim or self.d_model // self.n_head
@@ -184,6 +228,18 @@ class TrainConfig(_Section):
     keep_best: bool = Field(True, description="Write the model with the best val loss to model/ (else the last one).")
     keep_sparsity: bool = Field(
         False, description="Keep weights that start at zero at zero (recovery training of a pruned model)."
+    )
+    epochs: float | None = Field(
+        None, gt=0, description="Train this many passes over the train split instead of max_steps (max_steps = "
+        "ceil(epochs x train examples / batch_size); for lm, examples are context_length windows).",
+    )
+    monitor: Literal["val_loss", "val_accuracy", "val_f1"] = Field(
+        "val_loss", description="The eval figure that early stopping and keep_best follow (val_loss is minimised; "
+        "val_accuracy and val_f1, macro-F1, need data.task: classification and are maximised).",
+    )
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none", description="classification: weight of each class in the loss: none, balanced (n / (classes x count)), "
+        "or one weight per class in label order.",
     )
 
     @field_validator("betas")
@@ -313,6 +369,20 @@ class Recipe(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> "Recipe":
+        classification = self.data.task == "classification"
+        if self.model.family in ("rnn", "lstm", "gru") and not classification:
+            raise ValueError(f"model.family {self.model.family} is a classifier: it needs data.task: classification")
+        if self.train.monitor != "val_loss" and not classification:
+            raise ValueError(f"train.monitor {self.train.monitor} needs data.task: classification (lm runs have val_loss)")
+        if classification and self.model.family == "gpt" and self.data.max_len > self.model.context_length:
+            raise ValueError(f"data.max_len ({self.data.max_len}) exceeds model.context_length ({self.model.context_length}): "
+                             "the transformer classifier reads at most context_length tokens")
+        if isinstance(self.train.class_weights, list) and not classification:
+            raise ValueError("train.class_weights needs data.task: classification")
+        return self
 
     @property
     def name(self) -> str:

@@ -1,4 +1,5 @@
-"""The `prepare` engine: sources -> tokenizer -> train.bin / val.bin / meta.json in a dataset dir.
+"""The `prepare` engine: sources -> tokenizer -> train.bin / val.bin / meta.json in a dataset dir
+(for `data.task: lm`; classification datasets are built by data.classification).
 
 Two streaming passes over the sources (one trains the tokenizer, one encodes), written into a staging
 directory that replaces the dataset dir only once complete, so a failure never leaves a half-written
@@ -98,7 +99,12 @@ def prepare_dataset(
     """Build the dataset dir `out_dir` from `data`, or keep it when its fingerprint is already current.
 
     `on_progress(stage, done, total)` reports "tokenizer" (bytes read) and "encode" (bytes encoded).
+    With `data.task: classification` the dir holds labelled splits instead (data.classification).
     """
+    if data.task == "classification":
+        from llmctl.data.classification import prepare_classification
+
+        return prepare_classification(data, out_dir, seed=seed, force=force, on_progress=on_progress)
     out = DatasetDir(Path(out_dir))
     files = resolve_source_files(data)
     _refuse_unsafe_out_dir(out, [p for p, _, _ in files])

@@ -127,6 +127,11 @@ class TokenShards:
     def __init__(self, dataset_dir: Path):
         self.dir = DatasetDir(Path(dataset_dir))
         self.meta = self.dir.read_meta()
+        if self.meta.get("task", "lm") != "lm":
+            raise LlmctlError(
+                f"{self.dir.path}: a {self.meta['task']} dataset, not token shards for language modelling; "
+                "use a recipe with data.task: classification, or prepare with data.task: lm."
+            )
         try:
             self.vocab_size = int(self.meta["vocab_size"])
             self.dtype = np.dtype(self.meta["dtype"])

@@ -1,5 +1,6 @@
 """Reading documents out of the recipe's `data.sources`: text, JSONL and CSV files, globs, directories,
-and `builtin:stdlib` (the standard library's own `.py` files, a corpus every machine has).
+`builtin:stdlib` (the standard library's own `.py` files, a corpus every machine has) and
+`builtin:sentiment` (the labelled sentences of llmctl/data/sentiment.csv, for classification).
 
 Files are read in bounded pieces and hashed as they are read, so neither a huge file nor a huge corpus
 is ever held in memory whole.
@@ -24,6 +25,7 @@ from llmctl.config.schema import DataConfig, SourceSpec
 from llmctl.errors import LlmctlError
 
 STDLIB = "builtin:stdlib"
+SENTIMENT = "builtin:sentiment"
 
 # A text file is read in pieces of about this many bytes, cut at a line boundary.
 PIECE_BYTES = 1 << 20
@@ -228,16 +230,28 @@ def _format_of(spec: SourceSpec, path: Path) -> str:
     return _FORMAT_BY_SUFFIX.get(path.suffix.lower(), "text")
 
 
-def _expand(spec: SourceSpec, index: int) -> tuple[str, list[Path]]:
-    """(kind, files) for one source: kind is "stdlib", "file", "dir" or "glob"."""
-    where = f"data.sources[{index}] {spec.path!r}"
+def sentiment_path() -> Path:
+    """The packaged CSV behind builtin:sentiment (made by `python -m llmctl.data.sentiment`)."""
+    return Path(__file__).with_name("sentiment.csv")
+
+
+def _expand(spec: SourceSpec, index: int, key: str = "data.sources") -> tuple[str, list[Path]]:
+    """(kind, files) for one source: kind is "stdlib", "sentiment", "file", "dir" or "glob"."""
+    where = f"{key}[{index}] {spec.path!r}"
     if spec.path == STDLIB:
         files = _stdlib_files()
         if not files:
             raise LlmctlError(f"{where}: found no .py files under {stdlib_root()}.")
         return "stdlib", files
+    if spec.path == SENTIMENT:
+        if not sentiment_path().is_file():
+            raise LlmctlError(f"{where}: {sentiment_path()} is missing; this llmctl install is incomplete, reinstall it.")
+        return "sentiment", [sentiment_path()]
     if spec.path.startswith("builtin:"):
-        raise LlmctlError(f"{where}: unknown built-in corpus; the one built-in is {STDLIB}.")
+        raise LlmctlError(
+            f"{where}: unknown built-in corpus; the built-ins are {STDLIB} (Python's standard library, for "
+            f"language modelling) and {SENTIMENT} (labelled sentences, for classification)."
+        )
     if _GLOB_CHARS & set(spec.path):
         files = sorted(Path(p) for p in glob.glob(spec.path, recursive=True) if os.path.isfile(p))
         if not files:
@@ -254,13 +268,20 @@ def _expand(spec: SourceSpec, index: int) -> tuple[str, list[Path]]:
     raise LlmctlError(f"{where}: no such file or directory (relative to {Path.cwd()}).")
 
 
-def _resolve(data: DataConfig) -> list[tuple[int, str, list[tuple[Path, str]]]]:
+_BUILTIN_FORMAT = {"stdlib": "text", "sentiment": "csv"}
+
+
+def _resolve_specs(specs: list[SourceSpec], key: str = "data.sources") -> list[tuple[int, str, list[tuple[Path, str]]]]:
     resolved = []
-    for i, spec in enumerate(data.sources):
-        kind, files = _expand(spec, i)
-        fmt = "text" if kind == "stdlib" else None
+    for i, spec in enumerate(specs):
+        kind, files = _expand(spec, i, key)
+        fmt = _BUILTIN_FORMAT.get(kind)
         resolved.append((i, kind, [(p, fmt or _format_of(spec, p)) for p in files]))
     return resolved
+
+
+def _resolve(data: DataConfig) -> list[tuple[int, str, list[tuple[Path, str]]]]:
+    return _resolve_specs(data.sources)
 
 
 def resolve_source_files(data: DataConfig) -> list[tuple[Path, str, SourceSpec]]:
@@ -271,6 +292,14 @@ def resolve_source_files(data: DataConfig) -> list[tuple[Path, str, SourceSpec]]
     return [
         (path, fmt, data.sources[i]) for i, _kind, files in _resolve(data) for path, fmt in files
     ]
+
+
+def resolve_specs(specs: list[SourceSpec], key: str = "data.sources") -> list[tuple[Path, str, int]]:
+    """Every file of `specs` in reading order as (path, format text|jsonl|csv, index of its spec).
+
+    `key` names the list in error messages (data.sources, data.val_sources).
+    """
+    return [(path, fmt, i) for i, _kind, files in _resolve_specs(specs, key) for path, fmt in files]
 
 
 def hash_file(path: Path) -> dict:
@@ -288,6 +317,23 @@ def hash_file(path: Path) -> dict:
 
 
 # --- readers, one per format ------------------------------------------------------------------------
+
+
+def iter_decoded_lines(path: Path, display: str, *, replace: bool, stats: SourceStats) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line with its newline) of a UTF-8 file, read line by line, a leading BOM dropped.
+
+    A byte that is not UTF-8 is an LlmctlError naming the line and file byte offset, unless `replace`
+    (then counted in `stats.replaced_chars`). Once read to the end, the file's {"path", "bytes",
+    "sha256"} record is appended to `stats.files`.
+    """
+    src = _InputFile(path, display, replace, stats)
+    try:
+        for lineno, offset, raw in src.lines():
+            line = src.decode_line(raw, lineno, offset)
+            yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
+        stats.files.append(src.finish())
+    finally:
+        src.close()
 
 
 def _text_documents(src: _InputFile, key: str) -> Iterator[Document]:

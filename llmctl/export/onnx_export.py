@@ -1,5 +1,8 @@
 """`llmctl export`'s engine: a `gpt` model dir -> an export dir holding one ONNX decoder graph.
 
+(Classifier model dirs are exported by `llmctl.export.classifier_onnx`, through the same tracing
+and opset handling, `trace_to_onnx`.)
+
 The graph takes and returns the KV cache (HF Optimum names, see llmctl/models/onnx_model.py), so
 one file serves prefill with an empty past, chunked prefill and decode, for left-padded batches.
 It is written by `torch.onnx.export(dynamo=True)`, checked by `onnx.checker`, then run by ONNX
@@ -97,9 +100,13 @@ def export_onnx(
     rtol: float | None = None,
     quantize: str | None = None,
     eval_tokens: np.ndarray | None = None,
+    data: Path | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export a loaded `gpt` model dir to `out_dir` (model.onnx, export.json, ...), verified against PyTorch.
+
+    A classifier model dir goes to `llmctl.export.classifier_onnx` (its parity and int8 checks use
+    the val split of `data`, a classification dataset dir, or of the model's own dataset).
 
     Weights over `external_data_threshold` bytes (or near protobuf's 2 GiB, whatever the threshold)
     go to model.onnx.data. `quantize="int8"` also writes model.int8.onnx, judged by perplexity over
@@ -111,6 +118,13 @@ def export_onnx(
     """
     out_dir = Path(out_dir)
     quantize = None if quantize in (None, "none") else quantize
+    if getattr(loaded.model, "task", None) == "classification":
+        from llmctl.export.classifier_onnx import export_classifier_onnx
+
+        return export_classifier_onnx(
+            loaded, out_dir, opset=opset, external_data_threshold=external_data_threshold, atol=atol, rtol=rtol,
+            quantize=quantize, data=data, on_progress=on_progress,
+        )
     _check_request(loaded, out_dir, opset, quantize, atol, rtol, eval_tokens)
     say = on_progress or (lambda message: None)
     model, source_quantization = _fp32_model(loaded)
@@ -158,15 +172,21 @@ def export_onnx(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+    return export_report(out_dir, graph, manifest, parity, ("opset", "parameters", "weight_bytes", "seconds", "int8"))
+
+
+def export_report(out_dir: Path, graph: dict[str, Any], manifest: dict[str, Any], parity: Any,
+                  figure_keys: tuple[str, ...]) -> ExportReport:
+    """The ExportReport of a finished export dir: its files, the manifest's `figure_keys` and the parity table."""
     final = ExportDir(out_dir)
     paths = {"dir": str(final.path), "model": str(final.onnx), "export_json": str(final.manifest)}
     if graph["external_data"]:
         paths["model_data"] = str(final.path / graph["data_file"])
-    if quantize == "int8":
+    if "int8" in manifest.get("files", {}):
         paths["int8"] = str(final.onnx_int8)
         if manifest["files"]["int8_data"]:
             paths["int8_data"] = str(final.path / manifest["files"]["int8_data"])
-    figures = {k: v for k, v in manifest.items() if k in ("opset", "parameters", "weight_bytes", "seconds", "int8")}
+    figures = {k: v for k, v in manifest.items() if k in figure_keys}
     figures["verification"] = {k: v for k, v in manifest["verification"].items() if k not in ("passed", "failure", "rows")}
     return ExportReport(parity.passed, parity.failure, [r.to_dict() for r in parity.rows], figures, paths)
 
@@ -175,8 +195,22 @@ def _check_request(
     loaded: Any, out_dir: Path, opset: int, quantize: str | None, atol: float, rtol: float | None, eval_tokens: Any
 ) -> None:
     """Refuse bad arguments before any work, naming the one to change."""
+    check_common_request(out_dir, opset, quantize, atol, rtol)
+    vocab = loaded.config.get("vocab_size")
+    if eval_tokens is not None and (len(eval_tokens) < 2 or (vocab and int(np.max(eval_tokens)) >= vocab)):
+        raise LlmctlError(
+            f"eval tokens: need at least 2 token ids below the model's vocab_size {vocab}; got {len(eval_tokens)} "
+            f"ids up to {int(np.max(eval_tokens)) if len(eval_tokens) else None}. Were they made by another tokenizer?"
+        )
+    family = loaded.config.get("family", "gpt")
+    if family != "gpt":
+        raise LlmctlError(f"{loaded.path}: family {family!r} cannot be exported to ONNX yet; only family gpt can.")
+
+
+def check_common_request(out_dir: Path, opset: int, quantize: str | None, atol: float, rtol: float | None) -> None:
+    """Refuse an opset, --quantize, tolerance or output path no export takes, before any work."""
     if opset < MIN_OPSET:
-        raise LlmctlError(f"--opset {opset}: the exported decoder needs opset {MIN_OPSET} or newer.")
+        raise LlmctlError(f"--opset {opset}: the exported graph needs opset {MIN_OPSET} or newer.")
     newest = onnx.defs.onnx_opset_version()
     if opset > newest:
         raise LlmctlError(f"--opset {opset}: the installed onnx {onnx.__version__} knows opsets up to {newest}.")
@@ -191,15 +225,6 @@ def _check_request(
             f"{out_dir}: exists and is not an export dir (no export.json); choose a new directory, "
             "as the export replaces the whole directory."
         )
-    vocab = loaded.config.get("vocab_size")
-    if eval_tokens is not None and (len(eval_tokens) < 2 or (vocab and int(np.max(eval_tokens)) >= vocab)):
-        raise LlmctlError(
-            f"eval tokens: need at least 2 token ids below the model's vocab_size {vocab}; got {len(eval_tokens)} "
-            f"ids up to {int(np.max(eval_tokens)) if len(eval_tokens) else None}. Were they made by another tokenizer?"
-        )
-    family = loaded.config.get("family", "gpt")
-    if family != "gpt":
-        raise LlmctlError(f"{loaded.path}: family {family!r} cannot be exported to ONNX yet; only family gpt can.")
 
 
 def _fp32_model(loaded: Any) -> tuple[GPT, dict[str, Any] | None]:
@@ -236,12 +261,37 @@ def _export_graph(model: GPT, path: Path, opset: int, external_data_threshold: i
         "position_ids": {0: batch, 1: seq},
         "past_key_values": [(kv, kv) for _ in range(cfg.n_layer)],
     }
+    return trace_to_onnx(
+        DecoderGraph(model).eval(), (ids, mask, pos, past), path, opset=opset, dynamic_shapes=dynamic_shapes,
+        input_names=input_names(cfg.n_layer), output_names=output_names(cfg.n_layer),
+        external_data_threshold=external_data_threshold,
+        rename_dims=[("attention_mask", 1, "past_sequence + sequence")],
+    )
+
+
+def trace_to_onnx(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    path: Path,
+    *,
+    opset: int,
+    dynamic_shapes: dict[str, Any],
+    input_names: list[str],
+    output_names: list[str],
+    external_data_threshold: int,
+    rename_dims: list[tuple[str, int, str]] = (),
+) -> dict[str, Any]:
+    """Trace `module(*args)` with torch.onnx.export(dynamo=True) into `path` (+ path.data when its weights
+    are over the threshold), at `opset` (rewritten from 18 when lower), checked by onnx.checker.
+
+    Returns the graph's figures: external_data, data_file, weight_bytes (bytes), inputs, outputs.
+    """
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
-                DecoderGraph(model).eval(), (ids, mask, pos, past), dynamo=True, verbose=False,
+                module, args, dynamo=True, verbose=False,
                 dynamic_shapes=dynamic_shapes, opset_version=max(opset, EXPORTER_MIN_OPSET),
-                input_names=input_names(cfg.n_layer), output_names=output_names(cfg.n_layer),
+                input_names=input_names, output_names=output_names,
             )
             program.save(str(path), external_data=True)
     except Exception as e:  # torch.export and onnxscript raise many types; all mean "this did not export"
@@ -259,9 +309,11 @@ def _export_graph(model: GPT, path: Path, opset: int, external_data_threshold: i
             f"choose a lower --opset ({MIN_OPSET} and {EXPORTER_MIN_OPSET} always work).",
             kind="export_failed", exit_code=EXIT_FAILURE,
         )
-    for node in proto.graph.node:
-        del node.metadata_props[:]  # the tracer's stack traces: this machine's paths, half a small model's file
-    _rename_dim(proto, "attention_mask", 1, "past_sequence + sequence")
+    for graph in _graphs(proto.graph):
+        for node in graph.node:
+            del node.metadata_props[:]  # the tracer's stack traces: this machine's paths, half a small model's file
+    for input_name, axis, name in rename_dims:
+        _rename_dim(proto, input_name, axis, name)
     if opset < EXPORTER_MIN_OPSET:
         _downgrade_to_opset_17(proto)
     weight_bytes = _initializer_bytes(proto)
@@ -285,6 +337,18 @@ def _export_graph(model: GPT, path: Path, opset: int, external_data_threshold: i
         "inputs": [_value_spec(v) for v in proto.graph.input],
         "outputs": [_value_spec(v) for v in proto.graph.output],
     }
+
+
+def _graphs(graph: Any) -> Iterator[Any]:
+    """`graph` and every subgraph nested in its nodes' attributes (Scan, Loop and If bodies), outermost first."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _graphs(g)
 
 
 @contextlib.contextmanager
@@ -321,19 +385,29 @@ def _rename_dim(proto: Any, input_name: str, axis: int, new: str) -> None:
 def _downgrade_to_opset_17(proto: Any) -> None:
     """Rewrite the opset-18 forms torch's exporter writes (Reduce* axes as an input, Split num_outputs) as opset 17's.
 
-    Any other op whose definition changed at 18 is refused, naming it, rather than guessed at.
+    Subgraphs (the Scan body of a tanh RNN classifier) are rewritten too, each node seeing the
+    initializers and shapes of its own graph and the graphs around it. Any other op whose
+    definition changed at 18 is refused, naming it, rather than guessed at.
     """
-    graph = proto.graph
-    nested = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-    if proto.functions or any(a.type in nested for node in graph.node for a in node.attribute):
+    if proto.functions:
         raise LlmctlError(
-            "the exported graph has functions or subgraphs, which the opset-17 rewrite does not cover; "
-            "export with --opset 18.",
+            "the exported graph has functions, which the opset-17 rewrite does not cover; export with --opset 18.",
             kind="export_failed", exit_code=EXIT_FAILURE,
         )
-    initializers = {t.name: t for t in graph.initializer}
-    shapes = {v.name: v.type.tensor_type.shape for v in (*graph.input, *graph.output, *graph.value_info)}
+    _downgrade_graph(proto.graph, {}, {})
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = 17
+
+
+def _downgrade_graph(graph: Any, outer_initializers: dict[str, Any], outer_shapes: dict[str, Any]) -> None:
+    initializers = {**outer_initializers, **{t.name: t for t in graph.initializer}}
+    shapes = {**outer_shapes, **{v.name: v.type.tensor_type.shape for v in (*graph.input, *graph.output, *graph.value_info)}}
     for node in graph.node:
+        for a in node.attribute:
+            nested = [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs if a.type == onnx.AttributeProto.GRAPHS else []
+            for sub in nested:
+                _downgrade_graph(sub, initializers, shapes)
         if node.domain not in ("", "ai.onnx"):
             continue
         try:
@@ -352,9 +426,6 @@ def _downgrade_to_opset_17(proto: Any) -> None:
             f"the exported graph uses {node.op_type} in a form opset 17 cannot express; export with --opset 18.",
             kind="export_failed", exit_code=EXIT_FAILURE,
         )
-    for imp in proto.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            imp.version = 17
 
 
 def _reduce_axes_to_attribute(node, attrs, initializers) -> bool:

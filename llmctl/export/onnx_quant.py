@@ -82,24 +82,10 @@ def quantize_int8(
             del model  # let ONNX Runtime release the file before it moves
 
         chosen = min(candidates, key=lambda s: candidates[s]["score"])
-        for f in (work / chosen).iterdir():
-            shutil.move(str(f), layout.path / f.name)
+        figures = keep_int8_candidate(layout, work, chosen)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    files = _graph_files(layout.onnx_int8)
-    fp32_bytes = sum(f.stat().st_size for f in _graph_files(layout.onnx))
-    int8_bytes = sum(f.stat().st_size for f in files)
-    figures: dict[str, Any] = {
-        "file": layout.onnx_int8.name,
-        "data_file": files[1].name if len(files) > 1 else None,
-        "method": "onnxruntime.quantization quant_pre_process + quantize_dynamic (QInt8 weights)",
-        "weight_scales": chosen,
-        "bytes": int8_bytes,
-        "fp32_bytes": fp32_bytes,
-        "size_ratio": fp32_bytes / int8_bytes,
-        "candidates": {s: {k: v for k, v in c.items() if k != "score"} for s, c in candidates.items()},
-    }
+    figures["candidates"] = {s: {k: v for k, v in c.items() if k != "score"} for s, c in candidates.items()}
     if reference_ppl is not None:
         figures["perplexity"] = {
             "eval_tokens": int(len(eval_tokens)),
@@ -118,6 +104,24 @@ def _perplexity(model: Any, tokens: np.ndarray, vocab_size: int) -> float:
 
     no_bytes = np.ones(vocab_size, dtype=np.int64)  # bits per byte is not wanted here, only perplexity
     return evaluate_tokens(model, tokens, no_bytes, source="export int8 check", batch_size=1).perplexity
+
+
+def keep_int8_candidate(layout: Any, work: Path, chosen: str) -> dict[str, Any]:
+    """Move the chosen candidate's int8 graph (work/<chosen>/) into the export dir; its file and size figures."""
+    for f in (work / chosen).iterdir():
+        shutil.move(str(f), layout.path / f.name)
+    files = _graph_files(layout.onnx_int8)
+    fp32_bytes = sum(f.stat().st_size for f in _graph_files(layout.onnx))
+    int8_bytes = sum(f.stat().st_size for f in files)
+    return {
+        "file": layout.onnx_int8.name,
+        "data_file": files[1].name if len(files) > 1 else None,
+        "method": "onnxruntime.quantization quant_pre_process + quantize_dynamic (QInt8 weights)",
+        "weight_scales": chosen,
+        "bytes": int8_bytes,
+        "fp32_bytes": fp32_bytes,
+        "size_ratio": fp32_bytes / int8_bytes,
+    }
 
 
 def _graph_files(graph: Path) -> list[Path]:

@@ -1,5 +1,9 @@
 """Open whatever directory a user points at for inference: a model dir (plain, pruned or quantized)
-or an export dir (ONNX Runtime). `eval`, `compress` and `serve` go through here."""
+or an export dir (ONNX Runtime). `eval`, `compress` and `serve` go through here.
+
+A classifier, from either kind of dir, comes back as a model with `task == "classification"` called
+`model(ids (B, T), lengths (B,)) -> logits` (`OnnxClassifier` for an export dir), its `config`
+holding labels, max_len and pad_id; a language model as before (`OnnxCausalLM` for an export dir)."""
 
 from __future__ import annotations
 

@@ -20,9 +20,10 @@ class LoadedModel:
     path: Path
 
 
-# config.json entries that describe how to use the model rather than its weights (see the serve chat
-# endpoint): a model rebuilt from another, compressed for one, keeps them.
-CARRIED_CONFIG_KEYS = ("chat_template",)
+# config.json entries that describe how to use the model rather than its weights (the serve chat
+# endpoint's template; a classifier's class names and how its texts are encoded): a model rebuilt
+# from another, compressed for one, keeps them.
+CARRIED_CONFIG_KEYS = ("chat_template", "labels", "max_len", "pad_id")
 
 
 def carried_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def load_model_dir(path: str | Path, device: str = "cpu") -> LoadedModel:
     try:
         missing, unexpected = load_model(model, str(md.weights), strict=False, device=device)
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise LlmctlError(f"{md.weights}: cannot load the weights ({e}).") from None
+        raise LlmctlError(f"{md.weights}: cannot load the weights ({_first_problem(e)}).") from None
     if missing or unexpected:
         raise LlmctlError(
             f"{md.weights}: weights do not match config.json (missing {sorted(missing)[:3]}, "
@@ -123,6 +124,16 @@ def load_model_dir(path: str | Path, device: str = "cpu") -> LoadedModel:
         )
     model.to(device).eval()
     return LoadedModel(model, config, tokenizer, provenance, md.path)
+
+
+def _first_problem(e: Exception) -> str:
+    """One line from a load error: torch lists every mismatched tensor on its own line."""
+    lines = [line.strip().rstrip(".") for line in str(e).splitlines() if line.strip()]
+    problems = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    if not problems:
+        return lines[0] if lines else type(e).__name__
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0] + more + "; config.json does not describe these weights"
 
 
 def _load_quantized(md: ModelDir, config: dict[str, Any], device: str) -> Any:
@@ -139,8 +150,11 @@ def _load_quantized(md: ModelDir, config: dict[str, Any], device: str) -> Any:
             f"{md.config}: quantization scheme {scheme!r} is not one this llmctl runs ({', '.join(SCHEMES)}); "
             "upgrade llmctl or quantize the float model again."
         )
-    if config.get("family", "gpt") != "gpt":
+    classifier = config.get("num_classes") is not None
+    if not classifier and config.get("family", "gpt") != "gpt":
         raise LlmctlError(f"{md.config}: quantized {config.get('family')!r} models are not supported; only gpt.")
+    if classifier and scheme != "int8":
+        raise LlmctlError(f"{md.config}: a classifier quantized with {scheme!r}; this llmctl runs int8 classifiers only.")
     if device != "cpu":
         raise LlmctlError(f"{md.path}: a quantized model ({scheme}) runs on CPU only, not {device}.")
     if scheme == "int4-weight" and int4_kernel_problem():
@@ -153,6 +167,10 @@ def _load_quantized(md: ModelDir, config: dict[str, Any], device: str) -> Any:
     except (SafetensorError, OSError) as e:
         raise LlmctlError(f"{md.weights}: cannot load the weights ({e}).") from None
     try:
+        if classifier:
+            from llmctl.models.quantized_classifiers import build_quantized_classifier
+
+            return build_quantized_classifier(config, tensors)
         return build_quantized_gpt(config, tensors)
     except TypeError as e:
         raise LlmctlError(f"{md.config}: cannot build the model from it ({e}).") from None

@@ -139,11 +139,21 @@ def _float32(t: torch.Tensor) -> np.ndarray:
 
 
 def load_export_dir(path: str | Path, file: str = "model.onnx") -> LoadedModel:
-    """Open an export dir for inference: the graph `file` in ONNX Runtime, its tokenizer, config and provenance."""
+    """Open an export dir for inference: the graph `file` in ONNX Runtime, its tokenizer, config and provenance.
+
+    A classifier's export dir (export.json "task": "classification") gives an `OnnxClassifier`,
+    any other an `OnnxCausalLM`.
+    """
     from tokenizers import Tokenizer
 
     layout = check_export_dir(Path(path), file)
-    model = OnnxCausalLM(layout.path, file)
+    manifest = read_json_artifact(layout.manifest, "export dir")
+    if manifest.get("task") == "classification":
+        from llmctl.models.onnx_classifier import OnnxClassifier
+
+        model: Any = OnnxClassifier(layout.path, file)
+    else:
+        model = OnnxCausalLM(layout.path, file)
     try:
         tokenizer = Tokenizer.from_file(str(layout.tokenizer))
     except Exception as e:  # tokenizers raises a bare Exception on a missing or bad file

@@ -64,22 +64,20 @@ class DynamicInt8Linear(nn.Module):
     """Scheme "int8": int8 weights per output row, activations quantized per tensor at run time.
 
     Runs fbgemm's packed int8 GEMM (`quantized::linear_dynamic`); the packed copy is made once here
-    and is not part of the state dict.
+    and is not part of the state dict. `bias` (float32, the classifiers' heads have one) is added in
+    float by the same kernel.
     """
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)  # int8 (N, K)
         self.register_buffer("weight_scale", weight_scale)  # float32 (N,)
-        with warnings.catch_warnings():
-            # torch deprecates creating qint8 tensors, yet its packed dynamic linear (still the fastest
-            # int8 GEMM on CPU in 2.13) takes nothing else; this runs once per layer at load.
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-            qweight = torch._make_per_channel_quantized_tensor(
-                weight, weight_scale.double(), torch.zeros_like(weight_scale, dtype=torch.long), 0
-            )
-        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        if bias is not None:
+            self.register_buffer("bias", bias)  # float32 (N,)
+        else:
+            self.bias = None
+        self._packed = torch.ops.quantized.linear_prepack(per_row_qint8(weight, weight_scale), bias)
         self._reduce_range = activations_need_reduced_range()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,6 +160,17 @@ class Int4WeightOnlyLinear(nn.Module):
 
 
 QUANTIZED_MODULES = (Int8Embedding, DynamicInt8Linear, Int8WeightOnlyLinear, Int4WeightOnlyLinear)
+
+
+def per_row_qint8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K) with float32 scales (N,) as the per-channel qint8 tensor fbgemm's prepack ops take."""
+    with warnings.catch_warnings():
+        # torch deprecates creating qint8 tensors, yet its packed dynamic linear (still the fastest
+        # int8 GEMM on CPU in 2.13) takes nothing else; this runs once per layer at load.
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        return torch._make_per_channel_quantized_tensor(
+            weight, weight_scale.double(), torch.zeros_like(weight_scale, dtype=torch.long), 0
+        )
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
@@ -262,7 +271,7 @@ def build_quantized_gpt(config: dict[str, Any], tensors: dict[str, torch.Tensor]
     if unexpected:
         raise ValueError(f"unexpected tensors {unexpected[:3]}")
     for name, t in tensors.items():
-        tensors[name] = _check(name, t.float() if t.is_floating_point() else t, floats[name].shape, torch.float32)
+        tensors[name] = check_tensor(name, t.float() if t.is_floating_point() else t, floats[name].shape, torch.float32)
     model.load_state_dict(tensors, strict=False, assign=True)
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
@@ -273,7 +282,8 @@ def build_quantized_gpt(config: dict[str, Any], tensors: dict[str, torch.Tensor]
     return model.eval()
 
 
-def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """`t`, refused (ValueError naming it) when missing or not of `dtype` and `shape`."""
     if t is None:
         raise ValueError(f"missing tensor {name!r}")
     if t.dtype != dtype or tuple(t.shape) != tuple(shape):
@@ -285,15 +295,15 @@ def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: tor
 
 
 def _int8_rows_from(tensors: dict, prefix: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = _check(f"{prefix}.weight", tensors.pop(f"{prefix}.weight", None), (rows, cols), torch.int8)
-    scale = _check(f"{prefix}.weight_scale", tensors.pop(f"{prefix}.weight_scale", None), (rows,), torch.float32)
+    weight = check_tensor(f"{prefix}.weight", tensors.pop(f"{prefix}.weight", None), (rows, cols), torch.int8)
+    scale = check_tensor(f"{prefix}.weight_scale", tensors.pop(f"{prefix}.weight_scale", None), (rows,), torch.float32)
     return weight, scale
 
 
 def _int4_linear_from(tensors: dict, prefix: str, rows: int, cols: int, group_size: int) -> Int4WeightOnlyLinear:
     groups = math.ceil(cols / group_size)
     def take(suffix: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        return _check(f"{prefix}.{suffix}", tensors.pop(f"{prefix}.{suffix}", None), shape, dtype)
+        return check_tensor(f"{prefix}.{suffix}", tensors.pop(f"{prefix}.{suffix}", None), shape, dtype)
 
     weight = take("weight", (rows, groups * group_size // 2), torch.uint8)
     scale = take("weight_scale", (rows, groups), torch.bfloat16)

@@ -1,9 +1,12 @@
 """Families are looked up by name, so a new one plugs in without touching the trainer.
 
 A family registers a builder that takes the recipe's model section (as a dict,
-with vocab_size filled in) and returns an `nn.Module` whose forward takes token
-ids (B, T) and returns logits (B, T, V). The family module is imported only when
-a model is built, so importing the registry stays free of torch.
+with vocab_size filled in) and returns an `nn.Module`. A language model's forward
+takes token ids (B, T) and returns logits (B, T, V). A classifier (class attribute
+`task == "classification"`; its config dict also holds num_classes and pad_id)
+takes right-padded token ids (B, T) and lengths (B,) and returns logits (B, 1) for
+two classes, else (B, num_classes). The family module is imported only when a
+model is built, so importing the registry stays free of torch.
 """
 
 from __future__ import annotations
@@ -47,4 +50,7 @@ def build_model(config: dict[str, Any]) -> Any:
     return get_family(config.get("family", "gpt")).build(config)
 
 
-register_family("gpt", "llmctl.models.gpt", "build_gpt")
+register_family("gpt", "llmctl.models.gpt", "build_gpt")  # a classifier when the config has num_classes
+register_family("rnn", "llmctl.models.classifiers", "build_rnn_classifier")
+register_family("lstm", "llmctl.models.classifiers", "build_rnn_classifier")
+register_family("gru", "llmctl.models.classifiers", "build_rnn_classifier")

@@ -1,5 +1,7 @@
 """The HTTP API: OpenAI's /v1/completions, /v1/chat/completions and /v1/models over the generation
-engine, plus /health and /metrics, as a FastAPI app.
+engine, or llmctl's /v1/classify over a classifier (classify.py), plus /health and /metrics, as a
+FastAPI app. A server serves one model, so each of those endpoints answers only for its kind of model
+and refuses the other kind with a 400 that names the endpoint to use.
 
 Every refusal is OpenAI's error object with a 4xx status (bad input), 401 (API key), or 503 (loading,
 a full queue: with Retry-After). A client that goes away cancels its engine requests, so its batch
@@ -17,7 +19,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,6 +30,7 @@ from llmctl.serving.metrics import ServerMetrics
 from llmctl.serving.protocol import (
     ApiError,
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     Unsupported,
     chat_logprobs,
@@ -37,7 +40,7 @@ from llmctl.serving.protocol import (
 )
 
 # Labels of llmctl_requests_total: the routes, and "other" for any path (never the raw path: unbounded).
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/health", "/metrics")
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_BODY_BYTES = 16 * 2**20
 RETRY_AFTER_QUEUE_FULL_S = 1
@@ -63,7 +66,8 @@ class ServingState:
     metrics: ServerMetrics
     api_key: str | None = None
     backend: str = "torch"
-    engine: Any = None
+    classifier: Any = None  # a classify.ClassifierSpec when the model is a classifier, else None (generation)
+    engine: Any = None  # the generation Engine, or a classifier's ClassifierRunner
     status: str = "loading"  # loading | ready | failed | stopping
     failure: str | None = None
     open_streams: int = 0  # choices being streamed now
@@ -124,8 +128,11 @@ def create_app(state: ServingState) -> FastAPI:
         return Response(payload, media_type=content_type)
 
     def model_card() -> dict[str, Any]:
-        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "llmctl",
+        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "llmctl",
                 "max_model_len": state.context_length}
+        if state.classifier is not None:
+            card.update(task="classification", labels=list(state.classifier.labels))
+        return card
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -136,7 +143,16 @@ def create_app(state: ServingState) -> FastAPI:
         _check_model(state, model_id)
         return model_card()
 
-    @app.post("/v1/completions")
+    def serves(task: str, endpoint: str) -> Any:
+        """A route dependency refusing the other kind of model; it runs before the body is validated, so a
+        request meant for the other kind gets this 400, not one about its fields."""
+
+        async def check() -> None:
+            _require_task(state, task, endpoint)
+
+        return Depends(check)
+
+    @app.post("/v1/completions", dependencies=[serves("generation", "/v1/completions")])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         arrived = time.perf_counter()
         engine = state.require_engine()
@@ -145,7 +161,7 @@ def create_app(state: ServingState) -> FastAPI:
         job = _Job(state, engine, body, prompts, chat=False, logprobs=body.logprobs, param="prompt", arrived=arrived)
         return await job.respond(request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[serves("generation", "/v1/chat/completions")])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         arrived = time.perf_counter()
         engine = state.require_engine()
@@ -159,6 +175,13 @@ def create_app(state: ServingState) -> FastAPI:
                    arrived=arrived)
         return await job.respond(request)
 
+    @app.post("/v1/classify", dependencies=[serves("classification", "/v1/classify")])
+    async def classify(body: ClassificationRequest, request: Request) -> Response:
+        arrived = time.perf_counter()
+        runner = state.require_engine()
+        _check_request(state, body)
+        return await _classify(state, runner, body, request, arrived)
+
     return app
 
 
@@ -171,13 +194,26 @@ def _check_model(state: ServingState, model: str | None) -> None:
                        param="model", code="model_not_found")
 
 
+def _require_task(state: ServingState, task: str, endpoint: str) -> None:
+    """Refuse an endpoint of the other kind of model with a 400 naming the endpoints this one serves."""
+    served = "generation" if state.classifier is None else "classification"
+    if task == served:
+        return
+    if served == "classification":
+        raise ApiError(400, f"{state.model_name} is a classifier (labels {', '.join(state.classifier.labels)}), not a "
+                       f"language model, so {endpoint} is not served here; POST the texts to /v1/classify as "
+                       '{"input": ["text", ...]}.', code="wrong_endpoint")
+    raise ApiError(400, f"{state.model_name} is a language model, not a classifier, so {endpoint} is not served "
+                   "here; use /v1/completions or /v1/chat/completions.", code="wrong_endpoint")
+
+
 def _check_request(state: ServingState, body: Any) -> None:
     _check_model(state, body.model)
     try:
         body.check_supported()
     except Unsupported as e:
         raise ApiError(400, str(e), param=e.param) from None
-    if body.max_tokens is not None and body.max_tokens > state.max_tokens_limit:
+    if getattr(body, "max_tokens", None) is not None and body.max_tokens > state.max_tokens_limit:
         raise ApiError(400, f"max_tokens: at most {state.max_tokens_limit} on this server, got {body.max_tokens}.",
                        param="max_tokens", code="max_tokens_exceeded")
 
@@ -202,6 +238,48 @@ def _prompt_ids(state: ServingState, prompt: str | list[int]) -> list[int]:
         ids = list(prompt)
     # An empty prompt starts a fresh document: the model continues from an end-of-text token.
     return ids or [state.eot_id]
+
+
+# --------------------------------------------------------------------------- one request's classification
+
+
+async def _classify(state: ServingState, runner: Any, body: ClassificationRequest, request: Request,
+                    arrived: float) -> Response:
+    """Encode the texts (off the event loop), queue them for the classifier's thread, answer labels and
+    probabilities in input order."""
+    from starlette.concurrency import run_in_threadpool
+
+    from llmctl.errors import LlmctlError
+    from llmctl.serving.classify import QueueFull, RunnerStopped
+
+    spec, texts = state.classifier, body.texts()
+    try:
+        ids, lengths = await run_in_threadpool(spec.encode, state.tokenizer, texts)
+    except LlmctlError as e:  # a text the tokenizer reads as no tokens at all
+        raise ApiError(400, f"input: {e.message}", param="input") from None
+    try:
+        future = runner.submit(ids, lengths)
+    except QueueFull:
+        raise ApiError(503, "the server's queue is full; retry shortly.", type="server_error", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_QUEUE_FULL_S)}) from None
+    except RunnerStopped:
+        raise ApiError(503, "the server is shutting down.", type="server_error", code="shutting_down") from None
+    try:
+        probs = await _unless_disconnected(request, asyncio.wrap_future(future))
+    except Exception as e:  # the forward itself failed: a bug or a broken model, not bad input
+        raise ApiError(500, f"classification failed: {type(e).__name__}: {e}", type="server_error") from None
+    if probs is None:  # the client went away (its request was dropped if it had not run yet)
+        return Response(status_code=499)
+    tokens = int(lengths.sum())
+    metrics = state.metrics
+    metrics.classified_texts.inc(len(texts))
+    metrics.classified_tokens.inc(tokens)
+    metrics.classify_latency.observe(time.perf_counter() - arrived)
+    return JSONResponse({
+        "id": "classify-" + uuid.uuid4().hex, "object": "classification", "created": int(time.time()),
+        "model": state.model_name, "data": spec.results(probs),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })
 
 
 # --------------------------------------------------------------------------- one request's generation

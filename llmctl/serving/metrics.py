@@ -36,15 +36,35 @@ class ServerMetrics:
             "llmctl_request_duration_seconds", "From a generation request's arrival to its last token (seconds).",
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.queue_depth = Gauge("llmctl_queue_depth", "Sequences waiting for a batch slot.", registry=r)
-        self.batch_size = Gauge("llmctl_batch_size", "Sequences in the running batch.", registry=r)
+        self.queue_depth = Gauge(
+            "llmctl_queue_depth", "Sequences waiting for a batch slot (a classifier: requests waiting for a forward).",
+            registry=r,
+        )
+        self.batch_size = Gauge(
+            "llmctl_batch_size", "Sequences in the running batch (a classifier: texts in the running forward).",
+            registry=r,
+        )
         self.step_batch_size = Histogram(
             "llmctl_decode_batch_size", "Sequences in each decode step.", buckets=BATCH_BUCKETS, registry=r
         )
         self.ready = Gauge("llmctl_model_ready", "1 once the model is loaded and serving, else 0.", registry=r)
+        # A classifier's (POST /v1/classify); its requests by status are in llmctl_requests_total.
+        self.classified_texts = Counter("llmctl_classified_texts", "Texts classified.", registry=r)
+        self.classified_tokens = Counter(
+            "llmctl_classified_tokens", "Tokens the classifier read (each text cut to the model's max_len).", registry=r
+        )
+        self.classify_latency = Histogram(
+            "llmctl_classify_duration_seconds", "From a classify request's arrival to its answer (seconds).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.forward_batch_size = Histogram(
+            "llmctl_classify_batch_size", "Texts in each classifier forward (requests waiting together share one).",
+            buckets=BATCH_BUCKETS, registry=r,
+        )
 
     def bind_engine(self, engine: Any) -> None:
-        """Read the queue depth and batch size from `engine` at each scrape."""
+        """Read the queue depth and batch size from `engine` (the generation engine or the classifier
+        runner) at each scrape."""
         self.queue_depth.set_function(lambda: engine.queue_depth)
         self.batch_size.set_function(lambda: engine.batch_size)
         self.ready.set(1)
@@ -52,6 +72,10 @@ class ServerMetrics:
     def on_step(self, batch_size: int) -> None:
         """The engine's per-decode-step callback (called from its own thread)."""
         self.step_batch_size.observe(batch_size)
+
+    def on_forward(self, texts: int) -> None:
+        """The classifier runner's per-forward callback (called from its own thread)."""
+        self.forward_batch_size.observe(texts)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) in the Prometheus text format."""

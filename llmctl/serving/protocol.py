@@ -1,5 +1,5 @@
 """OpenAI's wire format: request bodies as strict pydantic models with bounds, error objects, and the
-logprobs shapes of /v1/completions and /v1/chat/completions.
+logprobs shapes of /v1/completions and /v1/chat/completions; llmctl's own /v1/classify body too.
 
 Strict models: a string where a number belongs ("temperature": "0.5") or a bool where an integer
 belongs is refused (400), as OpenAI does, not coerced. Fields OpenAI clients send that llmctl does not
@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOPS = 4
+MAX_CLASSIFY_TEXTS = 256  # texts per /v1/classify request: one forward's worth
+MAX_CLASSIFY_CHARS = 20_000  # characters per text; tokenizing is the cost (the model reads max_len tokens of it)
 
 
 class ApiError(Exception):
@@ -160,8 +162,37 @@ class ChatCompletionRequest(_GenerationRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class ClassificationRequest(_Strict):
+    """POST /v1/classify: one text or a list of texts, each answered with a label and its probabilities."""
+
+    model: Optional[str] = None
+    input: Union[str, list[str]]
+    user: Optional[str] = None
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def check_supported(self) -> None:
+        """Refuse an empty batch, too many texts, a blank or an over-long text; raises Unsupported("input")."""
+        texts = self.texts()
+        if not texts:
+            raise Unsupported("input", "input: an empty list; give a text or a list of texts.")
+        if len(texts) > MAX_CLASSIFY_TEXTS:
+            raise Unsupported("input", f"input: at most {MAX_CLASSIFY_TEXTS} texts per request, got {len(texts)}; "
+                                       "send them in several requests.")
+        where = (lambda i: "input") if isinstance(self.input, str) else (lambda i: f"input[{i}]")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise Unsupported("input", f"{where(i)}: the text is empty or only whitespace; a classifier needs "
+                                           "words to read.")
+            if len(text) > MAX_CLASSIFY_CHARS:
+                raise Unsupported("input", f"{where(i)}: {len(text):,} characters, over the {MAX_CLASSIFY_CHARS:,} "
+                                           "this server takes per text; shorten it.")
+
+
 # Union fields: pydantic reports one error per member; one plain sentence reads better.
 UNION_EXPECTED = {
+    "input": "a string or a list of strings",
     "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "a string or a list of strings",
     "content": "a string or a list of text parts",

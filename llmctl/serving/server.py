@@ -1,6 +1,10 @@
 """Run the API under uvicorn: check the model dir and the port before anything else, listen, load the
 model in a thread while /health answers 503, and on SIGTERM stop accepting, finish what is in flight,
-stop the engine and return 0."""
+stop the engine and return 0.
+
+A language model is served by the generation engine (engine.py); a classifier (its config.json names
+`num_classes`) by the classifier runner (classify.py) behind POST /v1/classify. Which one is decided
+from config.json before listening, without torch."""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ import uvicorn
 
 from llmctl.artifacts import ExportDir, ModelDir, read_json_artifact
 from llmctl.errors import EXIT_BAD_INPUT, EXIT_FAILURE, LlmctlError
+from llmctl.serving.classify import ClassifierSpec
+from llmctl.serving.protocol import MAX_CLASSIFY_TEXTS
 
 DTYPES = ("fp32", "bf16")
 
@@ -31,8 +37,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_batch_size: int = 16  # sequences decoded together
-    max_queue: int = 64  # sequences waiting for a batch slot before 503
+    max_batch_size: int = 16  # sequences decoded together (a language model)
+    max_queue: int = 64  # sequences (a classifier: requests) waiting for the model before 503
     max_tokens_limit: int | None = None  # largest max_tokens a request may ask for; default: the context length
     dtype: str = "fp32"
     model_name: str | None = None
@@ -47,10 +53,11 @@ class ModelInfo:
     config: dict[str, Any]
     config_path: Path
     tokenizer: Any  # tokenizers.Tokenizer
-    eot_id: int
-    context_length: int
+    eot_id: int  # a classifier's pad id
+    context_length: int  # tokens; a classifier's max_len (tokens it reads per text)
     vocab_size: int
     quantization: str | None
+    classifier: ClassifierSpec | None = None  # None: a language model
 
 
 def inspect_model(path: Path, dtype: str) -> ModelInfo:
@@ -80,8 +87,13 @@ def inspect_model(path: Path, dtype: str) -> ModelInfo:
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     except Exception as e:  # the Rust side raises a bare Exception for any parse problem
         raise LlmctlError(f"{tokenizer_path}: not a readable tokenizer.json ({e}).") from None
+    classifier = ClassifierSpec.from_config(config, str(config_path)) if ClassifierSpec.is_classifier(config) else None
     context, vocab = config.get("context_length"), config.get("vocab_size")
-    if not isinstance(context, int) or context < 2 or not isinstance(vocab, int) or vocab < 1:
+    if classifier is not None:
+        context = classifier.max_len
+        if not isinstance(vocab, int) or vocab < 1:
+            raise LlmctlError(f"{config_path}: needs an integer vocab_size; the {what} is damaged.")
+    elif not isinstance(context, int) or context < 2 or not isinstance(vocab, int) or vocab < 1:
         raise LlmctlError(f"{config_path}: needs integer context_length and vocab_size; the {what} is damaged.")
     quantization = config.get("quantization")
     scheme = quantization.get("scheme") if isinstance(quantization, dict) else None
@@ -90,7 +102,8 @@ def inspect_model(path: Path, dtype: str) -> ModelInfo:
                           "or serve the model dir it was exported from.")
     if dtype == "bf16" and scheme:
         raise LlmctlError(f"--dtype bf16: {path} is quantized ({scheme}) and runs in its own precision; drop --dtype.")
-    return ModelInfo(path, backend, config, config_path, tokenizer, eot_id(tokenizer), context, vocab, scheme)
+    eot = classifier.pad_id if classifier is not None else eot_id(tokenizer)
+    return ModelInfo(path, backend, config, config_path, tokenizer, eot, context, vocab, scheme, classifier)
 
 
 def default_model_name(path: Path) -> str:
@@ -151,7 +164,7 @@ def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
     state = ServingState(
         model_name=name, tokenizer=info.tokenizer, eot_id=info.eot_id, context_length=info.context_length,
         vocab_size=info.vocab_size, max_tokens_limit=limit, chat_template=template, metrics=ServerMetrics(),
-        api_key=options.api_key, backend=_backend_label(info, options.dtype),
+        api_key=options.api_key, backend=_backend_label(info, options.dtype), classifier=info.classifier,
     )
     config = uvicorn.Config(
         create_app(state), log_level="warning", access_log=False, lifespan="off", ws="none",
@@ -163,8 +176,10 @@ def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
                               daemon=True)
 
     def on_listening() -> None:
-        say(f"serving {name} ({state.backend}) from {options.path}")
-        say(f"listening on {_url(sock)}  (OpenAI API under /v1; GET /health, GET /metrics)"
+        kind = "" if info.classifier is None else f"a classifier: {', '.join(info.classifier.labels)}; "
+        routes = "OpenAI API under /v1" if info.classifier is None else "POST /v1/classify, GET /v1/models"
+        say(f"serving {name} ({kind}{state.backend}) from {options.path}")
+        say(f"listening on {_url(sock)}  ({routes}; GET /health, GET /metrics)"
             + ("; API key required" if options.api_key else ""))
         if not options.api_key and not _is_loopback(sock):
             say(f"warning: listening beyond this machine ({options.host}) without --api-key; anyone who reaches "
@@ -216,23 +231,43 @@ def _load(state: Any, info: ModelInfo, options: ServeOptions, server: "_Server",
             import torch
 
             model = model.to(torch.bfloat16)
-        from llmctl.serving.engine import Engine
-
+        if (getattr(model, "task", None) == "classification") != (info.classifier is not None):
+            kind = "a classifier" if info.classifier is not None else "a language model"
+            raise LlmctlError(f"{info.config_path} describes {kind} but the model loaded from {info.path} is not one; "
+                              "the dir is damaged: write it again.")
         if state.status == "stopping":
             return
-        engine = Engine(model, context_length=info.context_length, max_batch_size=options.max_batch_size,
-                        max_queue=options.max_queue, on_step=state.metrics.on_step)
-        engine.start()
+        if info.classifier is not None:
+            engine = _start_classifier(state, model, options)
+            detail = (f"labels {', '.join(info.classifier.labels)}, texts cut to {info.context_length} tokens, up to "
+                      f"{MAX_CLASSIFY_TEXTS} texts per forward, queue {options.max_queue} requests")
+        else:
+            from llmctl.serving.engine import Engine
+
+            engine = Engine(model, context_length=info.context_length, max_batch_size=options.max_batch_size,
+                            max_queue=options.max_queue, on_step=state.metrics.on_step)
+            engine.start()
+            detail = (f"context {info.context_length} tokens, max_tokens up to {state.max_tokens_limit}, batch "
+                      f"{options.max_batch_size}, queue {options.max_queue}")
         state.metrics.bind_engine(engine)
         state.engine = engine
         state.status = "ready"
-        say(f"ready in {time.perf_counter() - t0:.1f} s: context {info.context_length} tokens, max_tokens up to "
-            f"{state.max_tokens_limit}, batch {options.max_batch_size}, queue {options.max_queue}")
+        say(f"ready in {time.perf_counter() - t0:.1f} s: {detail}")
     except LlmctlError as e:
         _fail(state, server, outcome, e.message, EXIT_BAD_INPUT, say)
     except Exception as e:  # a bug or an environment problem: keep the traceback for the report
         traceback.print_exc()
         _fail(state, server, outcome, f"{type(e).__name__}: {e}", EXIT_FAILURE, say)
+
+
+def _start_classifier(state: Any, model: Any, options: ServeOptions) -> Any:
+    """The classifier's runner, started: one thread owns the model, a request's texts go in one forward."""
+    from llmctl.serving.classify import ClassifierRunner
+
+    runner = ClassifierRunner(model, max_texts=MAX_CLASSIFY_TEXTS, max_queue=options.max_queue,
+                              on_forward=state.metrics.on_forward)
+    runner.start()
+    return runner
 
 
 def _fail(state: Any, server: "_Server", outcome: dict, message: str, code: int, say: Callable) -> None:

@@ -10,7 +10,11 @@ from llmctl.errors import LlmctlError
 
 
 def load_weights_into(model: Any, path: Path) -> None:
-    """Copy a model dir's weights into `model` (a recipe's `model.init_from`), refusing a shape mismatch."""
+    """Copy a model dir's weights into `model` (a recipe's `model.init_from`), refusing a shape mismatch.
+
+    A classifier may start from a language model of the same shape (its `gpt` backbone) or from another
+    classifier; its output head is kept as initialised unless the source has one of the same shape.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -24,8 +28,15 @@ def load_weights_into(model: Any, path: Path) -> None:
     except (SafetensorError, OSError) as e:
         raise LlmctlError(f"model.init_from: {md.weights}: cannot read the weights ({e}).") from None
     own = model.state_dict()
-    if model.config.tie_embeddings:
+    if getattr(model.config, "tie_embeddings", False) and "lm_head.weight" in own:
         tensors.setdefault("lm_head.weight", tensors.get("model.embed_tokens.weight"))
+    # A classifier started from a language model (or from a classifier with other classes) keeps its
+    # freshly initialised head: the backbone's weights are what carries over.
+    fresh_head = [k for k in own if k.split(".")[0] in ("score", "head")] if getattr(model, "task", None) == "classification" else []
+    if fresh_head and not all(k in tensors and tensors[k].shape == own[k].shape for k in fresh_head):
+        tensors = {k: v for k, v in tensors.items() if k not in fresh_head}
+        for k in fresh_head:
+            tensors[k] = own[k]
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items() if k in own and v is not None and v.shape != own[k].shape]
     missing = sorted(set(own) - set(tensors))
     if wrong or missing:

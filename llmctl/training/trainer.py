@@ -81,15 +81,9 @@ def _check_precision(precision: str) -> str:
 
 
 def _model_config(recipe: Recipe, vocab_size: int) -> dict[str, Any]:
-    config = recipe.model.model_dump()
-    if config["vocab_size"] is None:
-        config["vocab_size"] = vocab_size
-    elif config["vocab_size"] < vocab_size:
-        raise LlmctlError(
-            f"model.vocab_size ({config['vocab_size']}) is smaller than the dataset tokenizer's "
-            f"vocabulary ({vocab_size}); set it to null to follow the tokenizer."
-        )
-    return config
+    from llmctl.training.tasks import _model_config as config_of
+
+    return config_of(recipe, vocab_size)
 
 
 def _same_model(run_dir: RunDir, recipe: Recipe) -> None:
@@ -132,6 +126,14 @@ def resolve_micro_batch(recipe: Recipe, processes: int, device: str, vocab_size:
     from llmctl.training.memory import choose_micro_batch, estimate_memory, free_device_memory, parse_memory
 
     cfg = recipe.train
+    if recipe.data.task != "lm":  # the memory model covers the gpt decoder only
+        if cfg.micro_batch_size == "auto":
+            raise LlmctlError("train.micro_batch_size: auto plans the memory of language models; give a number "
+                              "(or null) for classification.")
+        micro = cfg.micro_batch_size or cfg.batch_size // processes
+        if cfg.batch_size % processes:
+            raise LlmctlError(f"train.batch_size ({cfg.batch_size}) must be a multiple of the process count ({processes}).")
+        return micro, None
     model_config = _model_config(recipe, vocab_size)
     budget = parse_memory(cfg.max_memory) if cfg.max_memory is not None else free_device_memory(device)
     micro = cfg.micro_batch_size
@@ -197,16 +199,14 @@ def train(
 ) -> TrainResult:
     """Train the recipe's model on its prepared dataset, writing the run dir of DESIGN.md."""
     import torch
-    import torch.nn.functional as F
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
-    from llmctl.data.shards import TokenShards
     from llmctl.models import build_model
     from llmctl.models.model_dir import copy_model_dir, save_model_dir
-    from llmctl.training.batches import WindowBatches, eval_starts
     from llmctl.training.checkpoints import MetricsLog, load_checkpoint, save_checkpoint
     from llmctl.training.optim import build_optimizer, build_schedule, l1_penalty
+    from llmctl.training.tasks import build_task, monitor_is_better, steps_for_epochs
 
     # Accelerate warns on every save that tied embeddings are stored once; that is intended.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -219,20 +219,14 @@ def train(
     mixed = _check_precision(cfg.precision)
 
     dataset = DatasetDir(recipe.data_dir())
-    shards = TokenShards(dataset.path)
-    train_tokens, val_tokens = shards.split("train"), shards.split("val")
-    T = recipe.model.context_length
-    if len(train_tokens) < T + 1:
-        raise LlmctlError(
-            f"{dataset.split('train')}: {len(train_tokens)} tokens, fewer than model.context_length + 1 "
-            f"({T + 1}); add data or lower model.context_length."
-        )
+    task = build_task(recipe)
+    max_steps = steps_for_epochs(cfg.epochs, task.train_examples(), cfg.batch_size) if cfg.epochs else cfg.max_steps
 
     from llmctl.training.launch import cpu_workers
 
     distributed = PartialState(cpu=cpu_workers())
     world = distributed.num_processes
-    micro, plan = resolve_micro_batch(recipe, world, str(distributed.device), shards.vocab_size)
+    micro, plan = resolve_micro_batch(recipe, world, str(distributed.device), task.vocab_size)
     if cfg.batch_size % (micro * world):
         raise LlmctlError(
             f"train.batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size x processes "
@@ -249,7 +243,7 @@ def train(
     rank, main, device = accelerator.process_index, accelerator.is_main_process, accelerator.device
 
     set_seed(recipe.run.seed)
-    model_config = _model_config(recipe, shards.vocab_size)
+    model_config = task.model_config()
     model = build_model(model_config)
     if recipe.model.init_from and not resume_from:
         from llmctl.training.init_from import load_weights_into
@@ -266,7 +260,7 @@ def train(
         if cfg.keep_sparsity and p.dim() >= 2 and not p.all()
     ]
     accelerator.register_for_checkpointing(scheduler)
-    batches = WindowBatches(train_tokens, T, cfg.batch_size, recipe.run.seed)
+    batches = task.batches(cfg.batch_size, recipe.run.seed)
     if cfg.max_memory is not None and device.type == "cuda":
         from llmctl.training.memory import parse_memory
 
@@ -277,7 +271,8 @@ def train(
         accelerator.gradient_accumulation_steps = accum
 
     metrics = MetricsLog(rd.metrics, enabled=main)
-    state: dict[str, Any] = {"tokens": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "skipped": 0}
+    state: dict[str, Any] = {"tokens": 0, "examples": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_monitor": None,
+                             "best_step": None, "bad_evals": 0, "skipped": 0}
     start_step = 0
     if resume_from:
         # Load before writing anything, so a refused checkpoint leaves the run dir as it was.
@@ -296,32 +291,20 @@ def train(
     accelerator.wait_for_everyone()
     last_checkpoint = start_step or None
 
-    val_batches = WindowBatches(val_tokens, T, 1, recipe.run.seed)
-    val_starts = eval_starts(len(val_tokens), T, cfg.eval_batches * micro * world)[rank::world]
-    tokens_per_step = cfg.batch_size * T
+    evaluate_on_val = task.make_evaluator(micro, rank, world)
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     provenance_base = {
         "llmctl_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
-        "dataset": {"dir": str(dataset.path.resolve()), "fingerprint": shards.meta.get("fingerprint")},
+        "dataset": {"dir": str(dataset.path.resolve()), "fingerprint": task.fingerprint},
         "run_dir": str(rd.path.resolve()),
     }
 
-    def evaluate() -> float:
-        """Mean val loss (nats/token) over the same fixed windows every time, summed over processes."""
+    def evaluate() -> dict[str, float]:
         model.eval()
-        total = torch.zeros(2, device=device)  # (sum of losses, tokens)
-        with torch.no_grad():
-            for i in range(0, len(val_starts), micro):
-                x, y = val_batches.rows(val_starts[i : i + micro])
-                x, y = x.to(device), y.to(device)
-                with accelerator.autocast():
-                    logits = model(x)  # (B, T, V)
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-                total += torch.stack([loss, torch.tensor(float(y.numel()), device=device)])
-        total = accelerator.reduce(total, reduction="sum")
+        row = evaluate_on_val(model, accelerator)
         model.train()
-        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        return row
 
     def save_model_to(dest: Path, step: int, extra: dict[str, Any]) -> None:
         """Every process joins (a sharded model is gathered); the main one writes."""
@@ -330,14 +313,15 @@ def train(
             save_model_dir(
                 accelerator.unwrap_model(model),
                 dest,
-                tokenizer_path=dataset.tokenizer,
+                tokenizer_path=task.tokenizer_path,
                 provenance={**provenance_base, "step": step, "tokens": state["tokens"], "metrics": extra},
                 state_dict=full_state,
             )
         accelerator.wait_for_everyone()
 
-    def accumulate_gradients(step: int) -> torch.Tensor:
-        """Forward and backward over this process's micro-batches of `step`; returns the summed loss.
+    def accumulate_gradients(step: int) -> tuple[torch.Tensor, int]:
+        """Forward and backward over this process's micro-batches of `step`; returns the summed loss and
+        the (real) tokens this process read.
 
         On out-of-memory (single process) the micro-batch is halved, accumulation doubled, and the
         same step retried, so the global batch stays as the recipe wrote it.
@@ -345,15 +329,16 @@ def train(
         nonlocal micro, accum
         while True:
             step_loss = torch.zeros((), device=device)
+            tokens = 0
             try:
-                for x, y in batches.micro_batches(step, rank, world, micro):
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                for batch in batches.micro_batches(step, rank, world, micro):
+                    tokens += task.tokens_in(batch)
+                    batch = tuple(t.to(device, non_blocking=True) for t in batch)
                     with accelerator.accumulate(model):
-                        logits = model(x)  # (B, T, V)
-                        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+                        loss = task.loss(model, batch, accelerator)
                         accelerator.backward(loss + cfg.l1 * l1_penalty(model) if cfg.l1 else loss)
                     step_loss += loss.detach()
-                return step_loss
+                return step_loss, tokens
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not is_out_of_memory(e):
                     raise
@@ -379,8 +364,9 @@ def train(
         {
             "run_dir": str(rd.path),
             "start_step": start_step,
-            "max_steps": cfg.max_steps,
-            "parameters": plan.parameters,
+            "max_steps": max_steps,
+            "parameters": plan.parameters if plan is not None else sum(p.numel() for p in model.parameters()),
+            "task": task.kind,
             "processes": world,
             "device": str(device),
             "precision": cfg.precision,
@@ -388,10 +374,10 @@ def train(
             "micro_batch_size": micro,
             "micro_batch_auto": cfg.micro_batch_size == "auto",
             "accumulation": accum,
-            "tokens_per_step": tokens_per_step,
-            "train_tokens": len(train_tokens),
-            "val_tokens": len(val_tokens),
+            "batch_size": cfg.batch_size,
+            "context_length": recipe.model.context_length,
             "plan": plan,
+            **task.info(),
         }
     )
 
@@ -403,8 +389,12 @@ def train(
     window_t0, window_tokens, window_micro = time.perf_counter(), 0, 0
     run_t0 = time.perf_counter() - state["elapsed_s"]
     loss_sum = torch.zeros((), device=device)
-    while step < cfg.max_steps:
-        step_loss = accumulate_gradients(step)
+    while step < max_steps:
+        step_loss, step_tokens = accumulate_gradients(step)
+        if task.kind == "lm":  # every window is full: the same count on every process
+            step_tokens = cfg.batch_size * recipe.model.context_length
+        elif world > 1:
+            step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=device), reduction="sum"))
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
         lr_of_step = optimizer.param_groups[0]["lr"]
         # One host sync per step: the norm of the synced gradients is the same on every process,
@@ -417,8 +407,9 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
-        state["tokens"] += tokens_per_step
-        window_tokens += tokens_per_step
+        state["tokens"] += step_tokens
+        state["examples"] = (state.get("examples") or 0) + cfg.batch_size
+        window_tokens += step_tokens
         if not finite:
             state["skipped"] += 1
             if state["skipped"] > cfg.skip_nonfinite:
@@ -429,7 +420,7 @@ def train(
             loss_sum += step_loss
             window_micro += accum
         row = None
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0 or step == max_steps:
             last_loss = float(accelerator.reduce(loss_sum, reduction="mean")) / max(window_micro, 1)
             now = time.perf_counter()
             row = {
@@ -441,37 +432,41 @@ def train(
                 "tokens_per_s": round(window_tokens / max(now - window_t0, 1e-9), 1),
                 "elapsed_s": round(now - run_t0, 3),
             }
+            if task.kind != "lm":
+                row["examples"] = state["examples"]
             metrics.append(row)
             loss_sum.zero_()
             window_t0, window_tokens, window_micro = now, 0, 0
         cb.on_step(step, row)
 
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            last_val = evaluate()
-            eval_row = {
-                "step": step,
-                "tokens": state["tokens"],
-                "val_loss": round(last_val, 6),
-                "val_ppl": round(math.exp(min(last_val, 50.0)), 4),
-                "elapsed_s": round(time.perf_counter() - run_t0, 3),
-            }
-            best = state["best_val_loss"]
-            if best is None or last_val < best - cfg.min_delta:
-                state.update(best_val_loss=last_val, best_step=step, bad_evals=0)
-                save_model_to(rd.best.path, step, {"val_loss": last_val})
+        if step % cfg.eval_every == 0 or step == max_steps:
+            figures = evaluate()
+            last_val = figures["val_loss"]
+            eval_row = {"step": step, "tokens": state["tokens"], **figures,
+                        "elapsed_s": round(time.perf_counter() - run_t0, 3)}
+            if task.kind != "lm":
+                eval_row["examples"] = state["examples"]
+            value = figures[cfg.monitor]
+            best = state["best_monitor"] if state["best_monitor"] is not None else (
+                state["best_val_loss"] if cfg.monitor == "val_loss" else None)  # checkpoints older than best_monitor
+            if monitor_is_better(cfg.monitor, value, best, cfg.min_delta):
+                state.update(best_monitor=value, best_val_loss=last_val, best_step=step, bad_evals=0)
+                save_model_to(rd.best.path, step, figures)
             else:
                 state["bad_evals"] += 1
             eval_row["best_val_loss"] = round(state["best_val_loss"], 6)
+            if cfg.monitor != "val_loss":
+                eval_row[f"best_{cfg.monitor}"] = round(state["best_monitor"], 6)
             metrics.append(eval_row)
             cb.on_eval(eval_row)
             if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
                 stopped_early = True
                 cb.on_message(
-                    f"early stopping at step {step}: val loss has not improved by {cfg.min_delta} "
-                    f"for {cfg.patience} evaluations (best {state['best_val_loss']:.4f} at step {state['best_step']})"
+                    f"early stopping at step {step}: {cfg.monitor} has not improved by {cfg.min_delta} "
+                    f"for {cfg.patience} evaluations (best {state['best_monitor']:.4f} at step {state['best_step']})"
                 )
 
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopped_early:
+        if step % cfg.checkpoint_every == 0 or step == max_steps or stopped_early:
             state["elapsed_s"] = time.perf_counter() - run_t0
             save_checkpoint(accelerator, rd, step, state, cfg.keep_checkpoints)
             last_checkpoint = step
@@ -479,7 +474,8 @@ def train(
             break
 
     state["elapsed_s"] = time.perf_counter() - run_t0
-    final_metrics = {"loss": last_loss, "val_loss": last_val, "best_val_loss": state["best_val_loss"], "best_step": state["best_step"]}
+    final_metrics = {"loss": last_loss, "val_loss": last_val, "best_val_loss": state["best_val_loss"], "best_step": state["best_step"],
+                     f"best_{cfg.monitor}": state["best_monitor"]}
     if cfg.keep_best and rd.best.path.is_dir():
         if main:
             copy_model_dir(rd.best.path, rd.model.path)
@@ -498,5 +494,7 @@ def train(
         best_step=state["best_step"],
         stopped_early=stopped_early,
         elapsed_s=state["elapsed_s"],
-        extra={"micro_batch_size": micro, "accumulation": accum, "skipped_nonfinite": state["skipped"]},
+        extra={"micro_batch_size": micro, "accumulation": accum, "skipped_nonfinite": state["skipped"],
+               "monitor": cfg.monitor, "best_monitor": state["best_monitor"], "task": task.kind,
+               **({"examples": state["examples"]} if task.kind != "lm" else {})},
     )

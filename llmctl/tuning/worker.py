@@ -78,7 +78,8 @@ def run_trial(trial: Any, spec: dict[str, Any]) -> float:
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("worker", {"slot": spec.get("slot"), "pid": os.getpid(), "threads": _threads(),
                                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
-    budget = [f"train.max_steps={base.tune.max_steps}"] if base.tune.max_steps else []
+    # tune.max_steps is each trial's budget: it replaces train.epochs too, which would otherwise win.
+    budget = [f"train.max_steps={base.tune.max_steps}", "train.epochs=null"] if base.tune.max_steps else []
     reporter = TrialReporter(
         trial, base.tune.objective, base.tune.direction, spec.get("parent_pid"), base.tune.max_steps or base.train.max_steps
     )

@@ -296,6 +296,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: Ser
     assert complete(server.url, {"prompt": "apple", "max_tokens": 2}).status_code == 200
 
 
+def test_classify_on_a_language_model_is_a_400_naming_the_completion_endpoints(server: Server) -> None:
+    error = assert_error(httpx.post(f"{server.url}/v1/classify", json={"input": ["apple river"]}, timeout=30), 400)
+    assert error["code"] == "wrong_endpoint" and "/v1/completions" in error["message"]
+
+
 def test_metrics_change_after_requests(server: Server) -> None:
     ok = dict(endpoint="/v1/completions", status="200")
     names = ["llmctl_completion_tokens_total", "llmctl_prompt_tokens_total", "llmctl_time_to_first_token_seconds_count",

@@ -1,5 +1,6 @@
 """The HTTP layer of `llmctl serve` in-process, over a scripted engine: wire shapes, text stop strings,
-streaming, every refusal as an OpenAI error object, auth, the queue, metrics, chat templates.
+streaming, every refusal as an OpenAI error object, auth, the queue, metrics, chat templates; and
+/v1/classify over a tiny untrained classifier with its real runner thread.
 
 The real engine and the real `llmctl serve` process are covered by tests/integration/test_serve.py.
 """
@@ -16,10 +17,12 @@ from fastapi.testclient import TestClient
 
 from llmctl.errors import LlmctlError
 from llmctl.serving.api import ServingState, create_app
+from llmctl.serving.classify import ClassifierRunner, ClassifierSpec, QueueFull as ClassifierQueueFull, RunnerStopped
 from llmctl.serving.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError, chat_template_of
 from llmctl.serving.decoding import ChoiceStats, IncrementalDetokenizer, StopStrings, choice_pieces
 from llmctl.serving.engine import GenerationRequest, QueueFull, TokenEvent
 from llmctl.serving.metrics import ServerMetrics
+from llmctl.serving.protocol import MAX_CLASSIFY_CHARS, MAX_CLASSIFY_TEXTS
 from llmctl.serving.server import bind_socket
 from tests.conftest import generated_text
 
@@ -462,3 +465,313 @@ def test_binding_a_port_in_use_is_bad_input_naming_the_port() -> None:
             bind_socket("127.0.0.1", port)
     finally:
         taken.close()
+
+
+# --------------------------------------------------------------------------- /v1/classify
+
+LABELS = ("negative", "neutral", "positive")
+MAX_LEN = 12  # tokens per text the tiny classifier reads
+TEXTS = ["def return value", "class self model", "for x in y : return 1", "token", "if x else y", "naïve café = 0"]
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Any:
+    """An untrained 3-class gru classifier (softmax head): its outputs differ by text, which is all these tests need."""
+    import torch
+
+    from llmctl.models.registry import build_model
+
+    torch.manual_seed(0)
+    config = {"family": "gru", "vocab_size": 300, "num_classes": 3, "d_model": 16, "labels": list(LABELS),
+              "max_len": MAX_LEN, "pad_id": 0}
+    return build_model(config).eval()
+
+
+SPEC = ClassifierSpec(LABELS, MAX_LEN, 0)
+
+
+def reference_probabilities(model: Any, tokenizer: Any, text: str) -> list[float]:
+    """The text's probabilities from the model alone (B = 1, no padding), outside the server."""
+    import torch
+
+    from llmctl.models.classifiers import class_probabilities
+
+    ids = ids_of(tokenizer, text)[:MAX_LEN]
+    with torch.inference_mode():
+        probs = class_probabilities(model(torch.tensor([ids]), torch.tensor([len(ids)])))
+    return probs[0].tolist()
+
+
+@pytest.fixture
+def classify_server(tokenizer: Any, classifier: Any):
+    """Factory: (TestClient, ServingState, ClassifierRunner) serving `model` (the tiny classifier by default)."""
+    runners: list[ClassifierRunner] = []
+
+    def make(model: Any = None, *, ready: bool = True, max_queue: int = 64, **overrides: Any):
+        state = ServingState(
+            model_name="sentiment", tokenizer=tokenizer, eot_id=0, context_length=MAX_LEN, vocab_size=300,
+            max_tokens_limit=MAX_LEN, metrics=ServerMetrics(), classifier=SPEC,
+            chat_template=chat_template_of({}, "config.json", "<|endoftext|>"), **overrides,
+        )
+        runner = ClassifierRunner(classifier if model is None else model, max_texts=MAX_CLASSIFY_TEXTS,
+                                  max_queue=max_queue, on_forward=state.metrics.on_forward)
+        runner.start()
+        runners.append(runner)
+        if ready:
+            state.metrics.bind_engine(runner)
+            state.engine, state.status = runner, "ready"
+        return TestClient(create_app(state), raise_server_exceptions=False), state, runner
+
+    yield make
+    for runner in runners:
+        runner.stop(drain=False)
+
+
+def test_classify_answers_each_text_with_its_argmax_label_and_probabilities_in_input_order(
+    classify_server, tokenizer: Any, classifier: Any
+) -> None:
+    client, _, _ = classify_server()
+    r = client.post("/v1/classify", json={"model": "sentiment", "input": TEXTS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "classification" and body["model"] == "sentiment" and body["id"].startswith("classify-")
+    assert isinstance(body["created"], int)
+    assert [d["index"] for d in body["data"]] == list(range(len(TEXTS)))
+    for text, item in zip(TEXTS, body["data"]):
+        probs = item["probabilities"]
+        assert list(probs) == list(LABELS)
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+        assert item["label"] == max(probs, key=probs.get)
+        assert list(probs.values()) == pytest.approx(reference_probabilities(classifier, tokenizer, text), abs=2e-6)
+    assert len({tuple(d["probabilities"].values()) for d in body["data"]}) == len(TEXTS)  # the order is checkable
+    tokens = sum(min(len(ids_of(tokenizer, t)), MAX_LEN) for t in TEXTS)
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_a_text_gets_the_same_answer_alone_and_in_a_padded_batch_and_is_cut_to_max_len(
+    classify_server, tokenizer: Any
+) -> None:
+    client, _, _ = classify_server()
+    long_text = " ".join(["return value"] * 20)  # far over MAX_LEN tokens
+    batch = client.post("/v1/classify", json={"input": [*TEXTS, long_text]}).json()
+    for i, text in enumerate([*TEXTS, long_text]):
+        alone = client.post("/v1/classify", json={"input": text}).json()  # a bare string is one text
+        assert len(alone["data"]) == 1 and alone["data"][0]["index"] == 0
+        assert alone["data"][0]["label"] == batch["data"][i]["label"]
+        assert list(alone["data"][0]["probabilities"].values()) == pytest.approx(
+            list(batch["data"][i]["probabilities"].values()), abs=2e-6)
+    cut = tokenizer.decode(ids_of(tokenizer, long_text)[:MAX_LEN])
+    alone = client.post("/v1/classify", json={"input": long_text}).json()
+    assert alone["usage"]["prompt_tokens"] == MAX_LEN
+    assert alone["data"][0]["probabilities"] == pytest.approx(
+        client.post("/v1/classify", json={"input": cut}).json()["data"][0]["probabilities"], abs=2e-6)
+
+
+def test_a_binary_classifier_answers_both_probabilities_from_its_single_logit(classify_server, tokenizer: Any) -> None:
+    import torch
+
+    from llmctl.models.registry import build_model
+
+    torch.manual_seed(1)
+    model = build_model({"family": "rnn", "vocab_size": 300, "num_classes": 2, "d_model": 8}).eval()
+    client, state, _ = classify_server(model)
+    state.classifier = ClassifierSpec(("negative", "positive"), MAX_LEN, 0)
+    data = client.post("/v1/classify", json={"input": TEXTS}).json()["data"]
+    for text, item in zip(TEXTS, data):
+        p = item["probabilities"]
+        assert list(p) == ["negative", "positive"] and p["negative"] + p["positive"] == pytest.approx(1.0, abs=1e-5)
+        assert item["label"] == ("positive" if p["positive"] > p["negative"] else "negative")
+        assert list(p.values()) == pytest.approx(reference_probabilities(model, tokenizer, text), abs=2e-6)
+
+
+BAD_CLASSIFY = [
+    ({"input": []}, "empty list"),
+    ({"input": ["a text", "   \n"]}, "input[1]"),
+    ({"input": ""}, "input: the text is empty"),
+    ({"input": 5}, "a string or a list of strings"),
+    ({"input": ["a", 5]}, "a string or a list of strings"),
+    ({"input": {"text": "a"}}, "a string or a list of strings"),
+    ({"input": None}, "a string or a list of strings"),
+    ({"prompt": "a"}, "input: Field required"),
+    ({"input": ["a"] * (MAX_CLASSIFY_TEXTS + 1)}, f"at most {MAX_CLASSIFY_TEXTS} texts"),
+    ({"input": ["a", "x" * (MAX_CLASSIFY_CHARS + 1)]}, "input[1]:"),
+]
+
+
+@pytest.mark.parametrize("body,needle", BAD_CLASSIFY, ids=[n[:24] for _, n in BAD_CLASSIFY])
+def test_bad_classify_input_gets_a_400_openai_error_naming_input(classify_server, body: dict, needle: str) -> None:
+    client, _, runner = classify_server()
+    error = assert_openai_error(client.post("/v1/classify", json=body), 400, "input")
+    assert needle in error["message"], error
+    assert runner.queue_depth == 0
+
+
+def test_each_kind_of_model_refuses_the_other_kinds_endpoints_with_a_400_naming_the_right_one(
+    classify_server, serve
+) -> None:
+    client, _, _ = classify_server()
+    for path, body in [("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"input": ["x"]}),
+                       ("/v1/completions", {"input": "x"})]:
+        error = assert_openai_error(client.post(path, json=body), 400)
+        assert error["code"] == "wrong_endpoint" and path in error["message"] and "/v1/classify" in error["message"]
+    lm, engine = serve()
+    error = assert_openai_error(lm.post("/v1/classify", json={"input": ["x"]}), 400)
+    assert error["code"] == "wrong_endpoint" and "/v1/completions" in error["message"]
+    assert assert_openai_error(lm.post("/v1/classify", json={"prompt": "x"}), 400)["code"] == "wrong_endpoint"
+    assert engine.requests == []
+
+
+def test_the_models_list_names_a_classifier_and_its_labels(classify_server) -> None:
+    client, _, _ = classify_server()
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["id"] == "sentiment" and card["task"] == "classification" and card["labels"] == list(LABELS)
+    assert client.get("/v1/models/sentiment").json() == card
+    assert_openai_error(client.post("/v1/classify", json={"model": "gpt-4", "input": "x"}), 404, "model")
+
+
+def test_an_api_key_guards_classify(classify_server) -> None:
+    client, _, _ = classify_server(api_key="s3cret")
+    assert_openai_error(client.post("/v1/classify", json={"input": "x"}), 401)
+    assert_openai_error(client.post("/v1/classify", json={"input": "x"}, headers={"Authorization": "Bearer no"}), 401)
+    ok = client.post("/v1/classify", json={"input": "x"}, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_while_a_classifier_loads_health_and_classify_answer_503_then_200(classify_server) -> None:
+    client, state, runner = classify_server(ready=False)
+    assert client.get("/health").status_code == 503
+    r = client.post("/v1/classify", json={"input": "x"})
+    assert assert_openai_error(r, 503)["code"] == "model_loading" and r.headers["retry-after"]
+    # The wrong endpoint is known before the model loads.
+    assert assert_openai_error(client.post("/v1/completions", json={"prompt": "x"}), 400)["code"] == "wrong_endpoint"
+    state.engine, state.status = runner, "ready"
+    assert client.get("/health").status_code == 200
+    assert client.post("/v1/classify", json={"input": "x"}).status_code == 200
+
+
+def test_classify_metrics_count_requests_by_status_texts_tokens_and_forwards(classify_server) -> None:
+    client, _, _ = classify_server()
+    client.post("/v1/classify", json={"input": TEXTS[:3]})
+    client.post("/v1/classify", json={"input": "token"})
+    client.post("/v1/classify", json={"input": []})
+    text = client.get("/metrics").text
+    assert _sample(text, "llmctl_requests_total", endpoint="/v1/classify", status="200") == 2
+    assert _sample(text, "llmctl_requests_total", endpoint="/v1/classify", status="400") == 1
+    assert _sample(text, "llmctl_classified_texts_total") == 4
+    assert _sample(text, "llmctl_classified_tokens_total") > 4
+    assert _sample(text, "llmctl_classify_batch_size_count") == 2
+    assert _sample(text, "llmctl_classify_batch_size_sum") == 4
+    assert _sample(text, "llmctl_classify_duration_seconds_count") == 2
+    assert _sample(text, "llmctl_model_ready") == 1 and _sample(text, "llmctl_queue_depth") == 0
+
+
+def test_a_failing_forward_is_a_500_server_error_and_the_server_keeps_classifying(classify_server, classifier) -> None:
+    class Flaky:
+        task = "classification"
+        calls = 0
+
+        def __call__(self, ids, lengths):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("boom")
+            return classifier(ids, lengths)
+
+    client, _, _ = classify_server(Flaky())
+    error = assert_openai_error(client.post("/v1/classify", json={"input": "x"}), 500)
+    assert error["type"] == "server_error" and "boom" in error["message"]
+    assert client.post("/v1/classify", json={"input": "x"}).status_code == 200
+    assert client.get("/health").status_code == 200
+
+
+class GatedModel:
+    """Wraps a classifier: each forward waits for `gate`; records the texts per forward and the threads used."""
+
+    task = "classification"
+
+    def __init__(self, model: Any):
+        import threading
+
+        self.model, self.gate, self.started = model, threading.Event(), threading.Event()
+        self.forwards: list[int] = []
+        self.threads: set[int] = set()
+        self.active = self.most_active = 0
+
+    def __call__(self, ids: Any, lengths: Any) -> Any:
+        import threading
+
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        self.threads.add(threading.get_ident())
+        self.started.set()
+        try:
+            assert self.gate.wait(30)
+            self.forwards.append(len(lengths))
+            return self.model(ids, lengths)
+        finally:
+            self.active -= 1
+
+
+def _encoded(tokenizer: Any, texts: list[str]) -> tuple[Any, Any]:
+    return SPEC.encode(tokenizer, texts)
+
+
+def test_the_runner_groups_waiting_requests_into_one_forward_on_one_thread(tokenizer: Any, classifier: Any) -> None:
+    gated = GatedModel(classifier)
+    runner = ClassifierRunner(gated, max_texts=4, max_queue=8)
+    runner.start()
+    try:
+        first = runner.submit(*_encoded(tokenizer, TEXTS[:1]))
+        assert gated.started.wait(30)  # the first forward runs (and waits) alone
+        futures = [runner.submit(*_encoded(tokenizer, TEXTS[i : i + 1])) for i in range(1, 4)]
+        bigger = runner.submit(*_encoded(tokenizer, TEXTS[4:6]))  # would make 5 texts: the next forward's
+        dropped = runner.submit(*_encoded(tokenizer, TEXTS[:2]))
+        assert dropped.cancel() and runner.queue_depth == 5 and runner.batch_size == 1
+        gated.gate.set()
+        results = [f.result(30) for f in [first, *futures, bigger]]
+    finally:
+        runner.stop()
+    assert gated.forwards == [1, 3, 2]  # the cancelled request never ran
+    assert len(gated.threads) == 1 and gated.most_active == 1
+    for text, probs in zip(TEXTS, [r[0] for r in results[:4]] + [results[4][0], results[4][1]]):
+        assert probs.tolist() == pytest.approx(reference_probabilities(classifier, tokenizer, text), abs=1e-6)
+
+
+def test_the_runner_refuses_past_its_queue_and_after_stop_but_answers_what_waited(
+    tokenizer: Any, classifier: Any
+) -> None:
+    gated = GatedModel(classifier)
+    runner = ClassifierRunner(gated, max_texts=4, max_queue=1)
+    runner.start()
+    running = runner.submit(*_encoded(tokenizer, TEXTS[:1]))
+    assert gated.started.wait(30)
+    waiting = runner.submit(*_encoded(tokenizer, TEXTS[1:2]))
+    with pytest.raises(ClassifierQueueFull):
+        runner.submit(*_encoded(tokenizer, TEXTS[2:3]))
+    gated.gate.set()
+    runner.stop(drain=True)
+    assert running.result(0).shape == (1, 3) and waiting.result(0).shape == (1, 3)
+    with pytest.raises(RunnerStopped):
+        runner.submit(*_encoded(tokenizer, TEXTS[:1]))
+
+
+def test_a_full_classify_queue_answers_503_with_retry_after(classify_server, tokenizer: Any, classifier: Any) -> None:
+    gated = GatedModel(classifier)
+    client, _, runner = classify_server(gated, max_queue=1)
+    try:
+        runner.submit(*_encoded(tokenizer, TEXTS[:1]))
+        assert gated.started.wait(30)
+        runner.submit(*_encoded(tokenizer, TEXTS[1:2]))
+        r = client.post("/v1/classify", json={"input": "x"})
+        assert assert_openai_error(r, 503)["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
+    finally:
+        gated.gate.set()
+
+
+def test_a_classifier_config_without_labels_or_max_len_is_refused_naming_the_file() -> None:
+    assert ClassifierSpec.is_classifier({"num_classes": 2}) and not ClassifierSpec.is_classifier({"vocab_size": 9})
+    good = {"num_classes": 2, "labels": ["neg", "pos"], "max_len": 32, "pad_id": 0}
+    assert ClassifierSpec.from_config(good, "m/config.json") == ClassifierSpec(("neg", "pos"), 32, 0)
+    for bad in ({**good, "labels": None}, {**good, "labels": ["a"]}, {**good, "labels": ["a", "a"]},
+                {**good, "max_len": None}, {**good, "pad_id": "0"}):
+        with pytest.raises(LlmctlError, match="m/config.json"):
+            ClassifierSpec.from_config(bad, "m/config.json")
