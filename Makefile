@@ -28,6 +28,8 @@ demo: install
 	$(BIN)/llmctl compress runs/tiny-gpt/model --prune 0.3 --quantize int8 -o out/tiny-int8 --overwrite
 	$(BIN)/llmctl export runs/tiny-gpt/model --quantize int8 -o out/tiny-onnx --overwrite
 	$(BIN)/llmctl eval --compare runs/tiny-gpt/model out/tiny-int8 out/tiny-onnx
+	$(BIN)/llmctl export runs/tiny-gpt/model --format hf -o out/tiny-hf --overwrite
+	$(BIN)/llmctl report runs/tiny-gpt
 	$(BIN)/python scripts/demo_serve.py runs/tiny-gpt/model out/tiny-onnx
 	$(BIN)/llmctl train recipes/sentiment-rnn.yaml --overwrite
 	$(BIN)/llmctl eval runs/sentiment-rnn/model

@@ -6,9 +6,10 @@ engine inside its own function, so `llmctl --help` and completion stay instant.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from llmctl import __version__
 from llmctl.cli import compress as compress_cmd
@@ -17,17 +18,60 @@ from llmctl.cli import eval as eval_cmd
 from llmctl.cli import export as export_cmd
 from llmctl.cli import prepare as prepare_cmd
 from llmctl.cli import recipes as recipes_cmd
+from llmctl.cli import report as report_cmd
 from llmctl.cli import serve as serve_cmd
 from llmctl.cli import train as train_cmd
 from llmctl.cli import tune as tune_cmd
 
+FIRST_STEPS = """\
+llmctl {version}: take a language model from raw text to a served model.
+
+First steps:
+  make demo                            the whole pipeline on a tiny model (in a source checkout)
+  llmctl recipes ls                    the shipped recipes, one line each
+  llmctl recipes cp tiny-gpt my.yaml   copy one to edit
+  llmctl train my.yaml                 prepare its data and train (writes runs/my/)
+
+Then `llmctl eval runs/my/model`; `llmctl --help` lists every command."""
+
+
+class LlmctlGroup(TyperGroup):
+    """A command group whose unknown command names the closest real one, and whose bash completion
+    understands `key=value` words. Plain `llmctl` prints what to do first."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        # Here, before any parameter is converted, the guide costs no more than --help.
+        if not args and ctx.parent is None and not ctx.resilient_parsing:
+            typer.echo(FIRST_STEPS.format(version=__version__))
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:
+        import difflib
+
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None and not ctx.resilient_parsing:
+            names = [n for n, cmd in self.commands.items() if not cmd.hidden]
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"commands: {', '.join(names)}"
+            ctx.fail(f"no such command {name!r}; {hint}")
+        return super().resolve_command(ctx, args)
+
+    def _main_shell_completion(self, ctx_args: Any, prog_name: str, complete_var: str | None = None) -> None:
+        # typer registers its completion classes while building the command; replace bash's just before use.
+        from llmctl.cli.completion import use_bash_equals_fix
+
+        use_bash_equals_fix()
+        super()._main_shell_completion(ctx_args, prog_name, complete_var)
+
+
 app = typer.Typer(
     name="llmctl",
+    cls=LlmctlGroup,
     help="Take a language model through its life: prepare data, train, tune, evaluate, compress, export, serve.\n\n"
     "Start with [bold]llmctl recipes ls[/], copy one with [bold]llmctl recipes cp tiny-gpt my.yaml[/], then "
     "[bold]llmctl train my.yaml[/].",
     rich_markup_mode="rich",
-    no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
@@ -44,17 +88,25 @@ def _root(
     version: Optional[bool] = typer.Option(
         None, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", envvar="LLMCTL_QUIET",
+        help="Print only errors (and --json's object): no progress, tables or notes on stderr.",
+    ),
 ) -> None:
-    pass
+    if quiet:
+        from llmctl.cli.output import set_quiet
+
+        set_quiet()
 
 
-app.add_typer(recipes_cmd.app, name="recipes")
+app.add_typer(recipes_cmd.app, name="recipes", cls=LlmctlGroup)
 app.command("prepare", epilog=prepare_cmd.EPILOG)(prepare_cmd.prepare_cli)
 app.command("train", epilog=train_cmd.EPILOG)(train_cmd.train_cli)
 app.command("tune", epilog=tune_cmd.EPILOG)(tune_cmd.tune_cli)
 app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_cli)
 app.command("compress", epilog=compress_cmd.EPILOG)(compress_cmd.compress_cli)
 app.command("export", epilog=export_cmd.EPILOG)(export_cmd.export_cli)
+app.command("report", epilog=report_cmd.EPILOG)(report_cmd.report_cli)
 app.command("serve", epilog=serve_cmd.EPILOG)(serve_cmd.serve_cli)
 app.command("env", epilog=env_cmd.EPILOG)(env_cmd.env_cli)
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from llmctl.cli.completion import complete_model_dir
+from llmctl.cli.completion import complete_model_or_export_dir
 from llmctl.cli.output import out_console, print_json, reporting_errors, say
 from llmctl.errors import EXIT_GATE_FAILED, LlmctlError
 
@@ -19,7 +19,7 @@ EPILOG = (
 
 def eval_cli(
     model_dirs: List[Path] = typer.Argument(
-        ..., help="Model dir, compressed model dir or export dir (several with --compare).", autocompletion=complete_model_dir
+        ..., help="Model dir, compressed model dir or export dir (several with --compare).", autocompletion=complete_model_or_export_dir
     ),
     compare: bool = typer.Option(False, "--compare", help="Profile every dir given side by side: perplexity, size, latency, tokens/s."),
     data: Optional[Path] = typer.Option(None, "--data", help="Score this dataset dir's split instead of the training one."),
@@ -342,6 +342,8 @@ def _samples(loaded, prompts: list[str], max_new_tokens: int, temperature: float
     from llmctl.data.tokenizer import eot_id
     from llmctl.models.generation import SamplingParams, generate
 
+    if not prompts:
+        return []
     out = []
     eot = eot_id(loaded.tokenizer)
     for i, text in enumerate(prompts):

@@ -1,4 +1,5 @@
-"""`llmctl export`: write a model dir as ONNX (KV-cached decoder or classifier), verified against PyTorch at export."""
+"""`llmctl export`: write a model dir as ONNX (KV-cached decoder or classifier) or as a Hugging Face model dir,
+verified at export (against PyTorch, or transformers against llmctl)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,25 @@ from llmctl.errors import EXIT_GATE_FAILED, LlmctlError
 
 EPILOG = (
     "Examples: llmctl export runs/tiny-gpt/model -o out/tiny-onnx --quantize int8  |  "
-    "llmctl eval out/tiny-onnx  |  llmctl eval --compare runs/tiny-gpt/model out/tiny-onnx"
+    "llmctl eval out/tiny-onnx  |  llmctl eval --compare runs/tiny-gpt/model out/tiny-onnx  |  "
+    "llmctl export runs/tiny-gpt/model --format hf -o out/tiny-hf"
 )
 
-_FLAGS = {"opset": "--opset", "atol": "--atol", "quantize": "--quantize", "external_data_mb": "--external-data-mb"}
+_FLAGS = {"format": "--format", "opset": "--opset", "atol": "--atol", "quantize": "--quantize",
+          "external_data_mb": "--external-data-mb"}
+_ONNX_ONLY = ("opset", "quantize", "external_data_mb")
 
 
 def export_cli(
     model_dir: Path = typer.Argument(..., help="Model dir to export (runs/<name>/model, or a compressed one).", autocompletion=complete_model_dir),
     output: Path = typer.Option(..., "--output", "-o", help="Export dir to write."),
-    format: str = typer.Option("onnx", "--format", help="onnx."),
+    format: Optional[str] = typer.Option(
+        None, "--format", help="onnx: an ONNX graph; hf: a Hugging Face Llama dir transformers loads (default onnx)."
+    ),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17 or newer (default 17)."),
-    atol: Optional[float] = typer.Option(None, "--atol", help="Largest |ONNX - PyTorch| allowed; above it export exits 3 (default 1e-4)."),
+    atol: Optional[float] = typer.Option(
+        None, "--atol", help="Largest |ONNX - PyTorch| (hf: |transformers - llmctl|) allowed; above it export exits 3 (default 1e-4)."
+    ),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8: also write model.int8.onnx (ONNX Runtime dynamic int8)."),
     external_data_mb: Optional[float] = typer.Option(None, "--external-data-mb", help="Weights above this many MB go to model.onnx.data (default 2048)."),
     recipe: Optional[Path] = typer.Option(
@@ -32,26 +40,36 @@ def export_cli(
         autocompletion=complete_recipe_file,
     ),
     data: Optional[Path] = typer.Option(
-        None, "--data", help="Dataset dir whose val split judges the int8 graph (a classifier's parity check too; default: the model's own).",
+        None, "--data", help="Dataset dir whose val split judges the int8 graph, a classifier's parity and the hf check "
+        "(default: the model's own).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output dir if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as one JSON object on stdout."),
 ) -> None:
-    """Export to ONNX (a decoder with past key/values, or a classifier), check it against PyTorch, optionally quantize to int8."""
+    """Export to ONNX (a decoder with past key/values, or a classifier), check it against PyTorch, optionally quantize
+    to int8; or, with --format hf, to a Hugging Face model dir checked with transformers."""
     with reporting_errors(json_out):
-        if format != "onnx":
-            raise LlmctlError(f"--format {format!r}: expected onnx.")
+        if format not in (None, "onnx", "hf"):
+            raise LlmctlError(f"--format {format!r}: expected onnx or hf.")
         from llmctl.artifacts import check_output_dir
         from llmctl.evaluation.profile import val_tokens_of
-        from llmctl.export.onnx_export import export_onnx
         from llmctl.models.model_dir import load_model_dir
 
-        flags = {"opset": opset, "atol": atol, "quantize": quantize, "external_data_mb": external_data_mb}
+        flags = {"format": format, "opset": opset, "atol": atol, "quantize": quantize, "external_data_mb": external_data_mb}
         from llmctl.cli.sections import resolve_section
 
         options = resolve_section(model_dir, recipe, "export", {k: v for k, v in flags.items() if v is not None}, _FLAGS)
+        if options.format == "hf":
+            typed = [_FLAGS[k] for k in _ONNX_ONLY if flags[k] is not None]
+            if typed:
+                raise LlmctlError(f"{', '.join(typed)}: ONNX options; --format hf writes safetensors and takes --atol only.")
         check_output_dir(output, overwrite=overwrite, sources=[model_dir], marker="export.json")
         loaded = load_model_dir(model_dir)
+        if options.format == "hf":
+            _export_hf(loaded, output, options.atol, data, json_out)
+            return
+        from llmctl.export.onnx_export import export_onnx
+
         classifier = getattr(loaded.model, "task", None) == "classification"
         tokens = None
         if options.quantize == "int8" and not classifier:
@@ -78,10 +96,37 @@ def export_cli(
             raise typer.Exit(EXIT_GATE_FAILED)
 
 
-def parity_table(rows: list[dict[str, Any]], atol: float) -> Any:
+def _export_hf(loaded: Any, output: Path, atol: float, data: Optional[Path], json_out: bool) -> None:
+    """--format hf: write and verify the Hugging Face dir, print its figures, exit 3 on a failed check."""
+    from llmctl.evaluation.profile import val_tokens_of
+    from llmctl.export.hf_export import export_hf
+
+    tokens = None
+    if getattr(loaded.model, "task", None) != "classification":  # export_hf refuses classifiers, naming --format onnx
+        tokens, _, missing = val_tokens_of(loaded, data, 16384)
+        if missing:
+            say(f"[yellow]no val tokens: comparing on random ids[/] ({missing})")
+    report = export_hf(loaded, output, atol=atol, eval_tokens=tokens, on_progress=stage_printer())
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        v = report.figures["verification"]
+        out_console.print(parity_table(report.rows, atol, title=f"transformers {v['transformers_version']} vs llmctl"))
+        g, t = v["greedy"], v["tokenizer"]
+        say(f"inputs: {v['inputs']}, {v['window'][0]} x {v['window'][1]} tokens; greedy picks "
+            f"{'identical' if g['identical'] else 'DIFFER'} over {g['compared']} steps; AutoTokenizer ids "
+            f"{'identical' if t['identical'] else 'DIFFER'} on {t['texts']} texts")
+        files = ", ".join(Path(p).name for k, p in report.paths.items() if k != "dir")
+        say(f"wrote {output} ({report.figures['architecture']}: {files})")
+    if not report.passed:
+        say(f"[red]verification failed:[/] {report.failure} The files are kept in {output} for inspection.")
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def parity_table(rows: list[dict[str, Any]], atol: float, title: str = "ONNX Runtime vs PyTorch") -> Any:
     from rich.table import Table
 
-    table = Table(title=f"ONNX Runtime vs PyTorch (atol {atol:g})", header_style="bold", box=None, title_justify="left")
+    table = Table(title=f"{title} (atol {atol:g})", header_style="bold", box=None, title_justify="left")
     for col in ("output", "max abs diff", "max rel diff", "worst case", "ok"):
         table.add_column(col, justify="right" if "diff" in col else "left")
     for r in rows:

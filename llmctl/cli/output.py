@@ -22,7 +22,12 @@ out_console = Console(highlight=False, width=_LOG_WIDTH if not sys.stdout.isatty
 
 def interactive() -> bool:
     """Progress bars only when a person watches stderr."""
-    return err_console.is_terminal and not os.environ.get("CI")
+    return err_console.is_terminal and not os.environ.get("CI") and not err_console.quiet
+
+
+def set_quiet() -> None:
+    """`llmctl --quiet`: nothing on stderr but errors; stdout keeps what a command is asked for (--json)."""
+    err_console.quiet = True
 
 
 def silence_unless_main() -> None:
@@ -54,7 +59,8 @@ def reporting_errors(json_mode: bool = False) -> Iterator[None]:
     except LlmctlError as e:
         if json_mode:
             print_json({"error": {"message": e.message, "kind": e.kind}})
-        err_console.print(f"[bold red]error:[/] {escape(e.message)}", soft_wrap=True, emoji=False)
+        errors = err_console if not err_console.quiet else Console(stderr=True, highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(e.message)}", soft_wrap=True, emoji=False)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

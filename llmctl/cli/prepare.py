@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from llmctl.cli.completion import complete_recipe_file
+from llmctl.cli.completion import complete_override, complete_recipe_file
 from llmctl.cli.output import print_json, reporting_errors, say
 
 EPILOG = "Example: llmctl prepare my.yaml data.vocab_size=8192"
@@ -15,7 +15,9 @@ EPILOG = "Example: llmctl prepare my.yaml data.vocab_size=8192"
 
 def prepare_cli(
     recipe: Path = typer.Argument(..., help="Recipe file.", autocompletion=complete_recipe_file),
-    overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides.", show_default=False),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="section.key=value overrides.", show_default=False, autocompletion=complete_override
+    ),
     force: bool = typer.Option(False, "--force", help="Prepare again even if the inputs are unchanged."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (meta.json's figures) on stdout."),
 ) -> None:
@@ -91,6 +93,7 @@ def run_prepare(resolved, *, force: bool = False):
     from llmctl.data.prepare import prepare_dataset
 
     out_dir = resolved.data_dir()
+    _say_hf_checkpoint(resolved)
     with StageProgress() as progress:
         result = prepare_dataset(resolved.data, out_dir, seed=resolved.run.seed, force=force, on_progress=progress.update)
     s = _summary(result.meta)
@@ -105,3 +108,18 @@ def run_prepare(resolved, *, force: bool = False):
             f"{s['unigram_perplexity']:.1f}"
         )
     return result
+
+
+def _say_hf_checkpoint(resolved) -> None:
+    """Say which Hugging Face checkpoint a recipe starts from (the loader took its shape and tokenizer)."""
+    init = resolved.model.init_from
+    if not init:
+        return
+    from rich.markup import escape
+
+    from llmctl.models.hf import describe_hf_import, is_hf_checkpoint
+
+    if is_hf_checkpoint(init):
+        for line in describe_hf_import(init, resolved.model.context_length):
+            say(escape(line))
+        say(escape(f"  tokenizer {resolved.data.tokenizer}, end of text {resolved.data.special_tokens[0]!r}"))

@@ -79,6 +79,9 @@ class TrainProgress(TrainCallbacks):
         chosen = " (chosen by micro_batch_size: auto)" if info["micro_batch_auto"] else ""
         if info.get("task", "lm") == "lm":
             per_step = f"{info['batch_size'] * info['context_length']:,} tokens/step"
+        elif info["task"] == "instruct":
+            per_step = (f"{info['batch_size']} conversations/step ({info['train_examples']:,} train, {info['val_examples']:,} "
+                        f"val; the loss on their {info['train_response_tokens']:,} response tokens)")
         else:
             per_step = (f"{info['batch_size']} examples/step ({info['train_examples']:,} train, {info['val_examples']:,} val; "
                         f"classes {', '.join(map(str, info['classes']))})")

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from llmctl.cli.completion import complete_recipe_file, complete_recipe_name
-from llmctl.cli.output import out_console, print_json, reporting_errors
+from llmctl.cli.output import out_console, print_json, reporting_errors, say
 
 app = typer.Typer(
     help="List, show, copy and validate recipes (one YAML file per model: data, model, train).",
@@ -53,7 +53,7 @@ def cp_cli(
 
     with reporting_errors():
         written = copy_recipe(name, dest, force=force)
-        typer.echo(f"wrote {written}", err=True)
+        say(f"wrote {written}")
 
 
 @app.command("validate", epilog="Example: llmctl recipes validate my.yaml train.lr=3e-4 --json")
@@ -71,7 +71,7 @@ def validate_cli(
             print_json({"valid": True, "path": str(recipe), "recipe": resolved.model_dump(mode="json")})
         else:
             typer.echo(recipe_to_yaml(resolved), nl=False)
-            typer.echo(f"{recipe}: valid", err=True)
+            say(f"{recipe}: valid")
 
 
 @app.command("schema", epilog="Example: llmctl recipes schema > recipe.schema.json")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from llmctl.cli.completion import complete_model_dir
+from llmctl.cli.completion import complete_model_or_export_dir
 from llmctl.cli.output import reporting_errors, say
 
 EPILOG = (
@@ -20,7 +20,7 @@ EPILOG = (
 
 def serve_cli(
     path: Path = typer.Argument(
-        ..., help="Model dir (torch; compressed too) or export dir (ONNX Runtime).", autocompletion=complete_model_dir
+        ..., help="Model dir (torch; compressed too) or export dir (ONNX Runtime).", autocompletion=complete_model_or_export_dir
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free one, printed)."),

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from llmctl.cli.completion import complete_recipe_file
+from llmctl.cli.completion import complete_override, complete_recipe_file
 from llmctl.cli.output import print_json, reporting_errors, say, silence_unless_main
 
 EPILOG = (
@@ -18,7 +18,9 @@ EPILOG = (
 
 def train_cli(
     recipe: Path = typer.Argument(..., help="Recipe file.", autocompletion=complete_recipe_file),
-    overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides.", show_default=False),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="section.key=value overrides.", show_default=False, autocompletion=complete_override
+    ),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run dir (default runs/<run.name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run dir's newest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run dir's checkpoints and start over."),

@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from llmctl.cli.completion import complete_recipe_file
+from llmctl.cli.completion import complete_override, complete_recipe_file
 from llmctl.cli.output import err_console, interactive, out_console, print_json, reporting_errors, say
 
 EPILOG = "Example: llmctl tune recipes/tiny-gpt-tune.yaml --trials 20 --jobs 2, then llmctl train runs/tiny-gpt-tune/best.yaml"
@@ -21,7 +21,9 @@ EPILOG = "Example: llmctl tune recipes/tiny-gpt-tune.yaml --trials 20 --jobs 2, 
 
 def tune_cli(
     recipe: Path = typer.Argument(..., help="Recipe file with a tune section.", autocompletion=complete_recipe_file),
-    overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides.", show_default=False),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="section.key=value overrides.", show_default=False, autocompletion=complete_override
+    ),
     trials: Optional[int] = typer.Option(None, "--trials", min=1, help="The study's total trials (a rerun continues to it)."),
     jobs: int = typer.Option(1, "--jobs", min=1, help="Trials at once, each in its own process with its own GPU or CPU threads."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (e.g. postgresql://...); default a SQLite file in the study dir."),

@@ -61,6 +61,11 @@ def compress_model(
 
         return compress_classifier(loaded, Path(model_dir), Path(out_dir), options, data=data,
                                    measure_speed=measure_speed, on_stage=stage)
+    if loaded.config.get("attention_bias") and (options.quantize != "none" or options.prune_method == "structured"):
+        raise LlmctlError(
+            f"{model_dir}: a model with q/k/v biases (attention_bias, e.g. from Qwen2); --quantize and structured pruning "
+            "do not handle those biases yet. Use --prune with --prune-method global or layer, or export it as it is."
+        )
     tokens, byte_lengths, no_data = val_tokens_of(loaded, data, options.eval_tokens)
     if tokens is None and (options.prune_method == "structured" and options.prune or options.recover_steps):
         raise LlmctlError(f"{no_data} Structured pruning and recovery need the model's data.")
@@ -146,6 +151,8 @@ def _recover(
                     "patience": None,
                     "keep_sparsity": options.prune_method != "structured",
                     "compile": False,
+                    "lora": None,  # a LoRA-trained model dir holds merged weights: recovery tunes them all
+                    "epochs": None,  # recover_steps is the budget
                 }
             ),
         }

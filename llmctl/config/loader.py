@@ -212,7 +212,45 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     run = data.setdefault("run", {}) if isinstance(data.get("run", {}), dict) else data["run"]
     if isinstance(run, dict) and not run.get("name"):
         run["name"] = path.stem
+    take_hf_checkpoint(data, str(path), lines, overridden)
     return validate_recipe(data, str(path), lines, overridden)
+
+
+def take_hf_checkpoint(data: dict[str, Any], source: str, lines: dict[str, int], overridden: set[str]) -> None:
+    """When model.init_from names a Hugging Face checkpoint, fill the model section's shape from its
+    config.json and the data section's tokenizer (and end-of-text token) from its tokenizer files, in place.
+
+    The checkpoint's config and weights are checked here, so a bad one stops every command before work.
+    A model-section shape key that the command line set to another value is refused, not replaced.
+    """
+    model = data.get("model")
+    init = model.get("init_from") if isinstance(model, dict) else None
+    if not isinstance(init, str) or not init:
+        return
+    from llmctl.models.hf import hf_recipe_updates, is_hf_checkpoint
+
+    where = f"{_where('model.init_from', source, lines, overridden)} model.init_from"
+    if not is_hf_checkpoint(init):
+        if Path(init).is_dir() and not (Path(init) / "config.json").is_file():
+            raise LlmctlError(
+                f"{where}: {init} has no config.json; expected an llmctl model dir (runs/<name>/model) or a Hugging "
+                "Face model dir (config.json, *.safetensors, tokenizer.json)."
+            )
+        return  # an llmctl model dir: the trainer checks it against the model section
+    sections = data.setdefault("data", {}) if data.get("data") is None else data["data"]
+    if not isinstance(sections, dict):
+        return  # validation reports the data section
+    from llmctl.config.schema import ModelConfig
+
+    context = model.get("context_length")
+    if not isinstance(context, int) or isinstance(context, bool):
+        context = ModelConfig.model_fields["context_length"].default
+    try:
+        fields, data_updates = hf_recipe_updates(init, {**model, "context_length": context}, sections, overridden)
+    except LlmctlError as e:
+        raise LlmctlError(f"{where}: {e.message}", kind=e.kind, exit_code=e.exit_code) from None
+    model.update(fields)
+    sections.update(data_updates)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -45,9 +45,15 @@ class SourceSpec(_Section):
 
 
 class DataConfig(_Section):
-    task: Literal["lm", "classification"] = Field(
+    task: Literal["lm", "classification", "instruct"] = Field(
         "lm", description="lm: token shards for language modelling; classification: labelled texts (CSV/JSONL with a "
-        "text and a label column) for sequence classification.",
+        "text and a label column) for sequence classification; instruct: JSONL conversations (`messages`) or "
+        "`prompt`/`response` pairs rendered with the chat template, the loss on response tokens only.",
+    )
+    chat_template: str | None = Field(
+        None, description="instruct: a Jinja2 chat template (Hugging Face's format); null: the one of the model dir "
+        "data.tokenizer comes from (model.init_from's), else llmctl's default. Stored in the model dir, so serve's chat "
+        "endpoint uses it.",
     )
     dir: str | None = Field(None, description="Dataset dir written by prepare; defaults to data/<run.name>.")
     sources: list[SourceSpec] = Field(
@@ -153,8 +159,11 @@ class ModelConfig(_Section):
         None, ge=2, description="Vocabulary size; null takes it from the dataset's tokenizer."
     )
     init_from: str | None = Field(
-        None, description="Start from this model dir's weights (its config.json must match this section); null: random init."
+        None, description="Start from these weights: an llmctl model dir (its config.json must match this section), a local "
+        "Hugging Face dir of a Llama, Mistral or Qwen2 model (config.json + safetensors + tokenizer.json: its shape and "
+        "tokenizer are taken), or hf:ORG/NAME from the local Hugging Face cache (offline); null: random init.",
     )
+    attention_bias: bool = Field(False, description="gpt: biases on the q/k/v projections (Qwen2 has them).")
     hidden_size: int | None = Field(
         None, ge=1, description="rnn/lstm/gru: units per recurrent layer (per direction); null means d_model.",
     )
@@ -177,6 +186,26 @@ class ModelConfig(_Section):
         if self.n_head % kv:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({kv})")
         return self
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1, description="Rank r of each adapter (A: r x in, B: out x r).")
+    alpha: float = Field(16.0, gt=0, description="Scale: the adapter adds (alpha / rank) x B A x.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input while training.")
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Linear layers that get adapters, by name or name suffix (q_proj, k_proj, v_proj, o_proj, "
+        "gate_proj, up_proj, down_proj); a target that matches no layer is an error.",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, v: list[str]) -> list[str]:
+        if not v or not all(t.strip() for t in v):
+            raise ValueError("needs at least one layer name, e.g. [q_proj, v_proj]")
+        if len(set(v)) != len(v):
+            raise ValueError("names a layer twice")
+        return v
 
 
 class TrainConfig(_Section):
@@ -228,6 +257,10 @@ class TrainConfig(_Section):
     keep_best: bool = Field(True, description="Write the model with the best val loss to model/ (else the last one).")
     keep_sparsity: bool = Field(
         False, description="Keep weights that start at zero at zero (recovery training of a pruned model)."
+    )
+    lora: LoraConfig | None = Field(
+        None, description="Train low-rank adapters only ({rank, alpha, dropout, targets}); the base weights stay frozen. "
+        "null: train all weights.",
     )
     epochs: float | None = Field(
         None, gt=0, description="Train this many passes over the train split instead of max_steps (max_steps = "
@@ -353,6 +386,10 @@ class CompressConfig(_Section):
 
 
 class ExportConfig(_Section):
+    format: Literal["onnx", "hf"] = Field(
+        "onnx", description="onnx: an ONNX graph with a KV cache; hf: a Hugging Face Llama dir (config.json, "
+        "model.safetensors, tokenizer files) that transformers loads, verified against llmctl's logits.",
+    )
     opset: int = Field(17, ge=17, description="ONNX opset (17 or newer).")
     atol: float = Field(1e-4, ge=0, description="Largest absolute difference from PyTorch allowed in the parity check.")
     quantize: Literal["none", "int8"] = Field("none", description="int8: also write model.int8.onnx (ONNX Runtime dynamic int8).")
@@ -382,6 +419,18 @@ class Recipe(_Section):
                              "the transformer classifier reads at most context_length tokens")
         if isinstance(self.train.class_weights, list) and not classification:
             raise ValueError("train.class_weights needs data.task: classification")
+        if self.data.chat_template is not None and self.data.task != "instruct":
+            raise ValueError("data.chat_template renders instruction data: it needs data.task: instruct")
+        if self.train.lora is not None:
+            if self.model.family != "gpt" or classification:
+                raise ValueError("train.lora adapts the gpt language model: it needs model.family: gpt and data.task: "
+                                 "lm or instruct")
+            if self.train.keep_sparsity:
+                raise ValueError("train.lora and train.keep_sparsity: merging the adapters would fill the zeros; "
+                                 "choose one")
+            if self.train.strategy == "fsdp":
+                raise ValueError("train.lora works with train.strategy: ddp (FSDP flattens frozen and trained weights "
+                                 "together)")
         return self
 
     @property
@@ -398,15 +447,25 @@ def unknown_recipe_key(dotted: str) -> str | None:
     import difflib
 
     parts = dotted.split(".")
-    if len(parts) != 2:
-        return "expected section.key, e.g. train.lr"
-    section, key = parts
+    if len(parts) not in (2, 3):
+        return "expected section.key, e.g. train.lr (or section.key.field for a nested setting, e.g. train.lora.rank)"
+    section = parts[0]
     sections = {name: f.annotation for name, f in Recipe.model_fields.items() if name != "tune"}
     if section not in sections:
         close = difflib.get_close_matches(section, list(sections), n=1)
         return f"unknown section {section!r}" + (f"; did you mean {close[0]}?" if close else "")
-    fields = list(sections[section].model_fields)
-    if key not in fields:
-        close = [f for f in fields if key.startswith(f) or f.startswith(key)] or difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
-        return "unknown recipe key" + (f"; did you mean {section}.{close[0]}?" if close else "")
+    model: Any = sections[section]
+    for depth, name in enumerate(parts[1:], start=1):
+        fields = list(model.model_fields)
+        prefix = ".".join(parts[:depth])
+        if name not in fields:
+            close = [f for f in fields if name.startswith(f) or f.startswith(name)] or difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
+            return "unknown recipe key" + (f"; did you mean {prefix}.{close[0]}?" if close else "")
+        if depth < len(parts) - 1:
+            # A nested section such as train.lora (LoraConfig | None) may be set field by field.
+            annotation = model.model_fields[name].annotation
+            nested = [a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type) and issubclass(a, _Section)]
+            if not nested:
+                return f"{prefix}.{name} is a value, not a section"
+            model = nested[0]
     return None

@@ -1,5 +1,6 @@
 """The `prepare` engine: sources -> tokenizer -> train.bin / val.bin / meta.json in a dataset dir
-(for `data.task: lm`; classification datasets are built by data.classification).
+(for `data.task: lm`; classification datasets are built by data.classification, instruction data by
+data.instructions).
 
 Two streaming passes over the sources (one trains the tokenizer, one encodes), written into a staging
 directory that replaces the dataset dir only once complete, so a failure never leaves a half-written
@@ -95,16 +96,23 @@ def prepare_dataset(
     seed: int,
     force: bool = False,
     on_progress: Progress | None = None,
+    init_from: str | None = None,
 ) -> PrepareResult:
     """Build the dataset dir `out_dir` from `data`, or keep it when its fingerprint is already current.
 
     `on_progress(stage, done, total)` reports "tokenizer" (bytes read) and "encode" (bytes encoded).
-    With `data.task: classification` the dir holds labelled splits instead (data.classification).
+    With `data.task: classification` the dir holds labelled splits instead (data.classification); with
+    `instruct`, conversations and their response mask (data.instructions), which takes the tokenizer
+    and chat template of `init_from` (the recipe's model.init_from) when the data section names none.
     """
     if data.task == "classification":
         from llmctl.data.classification import prepare_classification
 
         return prepare_classification(data, out_dir, seed=seed, force=force, on_progress=on_progress)
+    if data.task == "instruct":
+        from llmctl.data.instructions import prepare_instructions
+
+        return prepare_instructions(data, out_dir, seed=seed, force=force, on_progress=on_progress, init_from=init_from)
     out = DatasetDir(Path(out_dir))
     files = resolve_source_files(data)
     _refuse_unsafe_out_dir(out, [p for p, _, _ in files])

@@ -127,7 +127,9 @@ class TokenShards:
     def __init__(self, dataset_dir: Path):
         self.dir = DatasetDir(Path(dataset_dir))
         self.meta = self.dir.read_meta()
-        if self.meta.get("task", "lm") != "lm":
+        # An instruct dataset's shards are token shards too (its masks lie beside them): eval and compress
+        # score a model trained on it on the whole conversations.
+        if self.meta.get("task", "lm") not in ("lm", "instruct"):
             raise LlmctlError(
                 f"{self.dir.path}: a {self.meta['task']} dataset, not token shards for language modelling; "
                 "use a recipe with data.task: classification, or prepare with data.task: lm."

@@ -1,7 +1,8 @@
 """Family `gpt`: a decoder-only transformer with the Llama architecture.
 
 RMSNorm, rotary position embeddings (HF convention: rotate halves), SwiGLU MLP,
-no biases, grouped-query attention (`n_kv_head`), optional tied embeddings,
+no biases (except optional q/k/v biases, as Qwen2 has: `attention_bias`),
+grouped-query attention (`n_kv_head`), optional tied embeddings,
 attention through `F.scaled_dot_product_attention`. Parameter names match HF's
 `LlamaForCausalLM` one to one (`model.layers.0.self_attn.q_proj.weight`, ...), so
 export to that format is a rename-free copy.
@@ -37,6 +38,7 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    attention_bias: bool = False  # biases on q_proj, k_proj and v_proj (Qwen2); o_proj never has one
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -93,9 +95,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_size = cfg.n_head, cfg.n_kv_head, cfg.head_size
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_size, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_size, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_size, bias=False)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_size, bias=bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_size, bias=bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_size, bias=bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
@@ -187,6 +190,8 @@ class GPT(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     @property
     def context_length(self) -> int:

@@ -14,11 +14,25 @@ from llmctl.errors import LlmctlError
 from llmctl.models.model_dir import LoadedModel
 
 
+def _is_hf_dir(path: Path) -> bool:
+    """A Hugging Face model dir: config.json with a `model_type` (llmctl's own config.json names a `family`)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config and "family" not in config
+
+
 def backend_of(path: Path) -> str:
-    """"onnxruntime" for an export dir, "torch" for a model dir; refuses anything else, saying what it is."""
+    """"onnxruntime" for an (ONNX) export dir, "hf" for a Hugging Face dir (`export --format hf` writes one),
+    "torch" for a model dir; refuses anything else, saying what it is."""
     path = Path(path)
     if not path.is_dir():
         raise LlmctlError(f"{path}: no such directory; expected a model dir (runs/<name>/model) or an export dir.")
+    if _is_hf_dir(path):
+        return "hf"
     if ExportDir(path).is_export():
         return "onnxruntime"
     if ModelDir(path).config.is_file():
@@ -34,7 +48,12 @@ def backend_of(path: Path) -> str:
 def load_for_inference(path: str | Path, *, onnx_file: str | None = None) -> LoadedModel:
     """Load a model dir with torch, or an export dir with ONNX Runtime (CPU), as one LoadedModel."""
     path = Path(path)
-    if backend_of(path) == "onnxruntime":
+    backend = backend_of(path)
+    if backend == "hf":
+        if onnx_file:
+            raise LlmctlError(f"{path}: a Hugging Face dir has no ONNX graph; {onnx_file} applies to ONNX export dirs.")
+        return load_hf_dir(path)
+    if backend == "onnxruntime":
         from llmctl.models.onnx_model import load_export_dir
 
         return load_export_dir(path, file=onnx_file or "model.onnx")
@@ -43,3 +62,27 @@ def load_for_inference(path: str | Path, *, onnx_file: str | None = None) -> Loa
     from llmctl.models.model_dir import load_model_dir
 
     return load_model_dir(path)
+
+
+def load_hf_dir(path: Path) -> LoadedModel:
+    """A Llama/Mistral/Qwen2 Hugging Face dir as an llmctl `gpt` model (torch), its context its
+    max_position_embeddings; refuses what the `gpt` family cannot reproduce, naming the fields."""
+    from tokenizers import Tokenizer
+
+    from llmctl.artifacts import read_json_artifact
+    from llmctl.models.hf import HFModelDir, gpt_fields_from_hf, read_hf_config
+    from llmctl.models.registry import build_model
+    from llmctl.training.init_from import load_weights_into
+
+    layout = HFModelDir(Path(path))
+    hf_config = read_hf_config(layout.path)
+    context = int(hf_config.get("max_position_embeddings") or 2048)
+    fields, _ = gpt_fields_from_hf(hf_config, str(layout.config), context)
+    config = {"family": "gpt", **fields, "context_length": context}
+    model = build_model(config)
+    load_weights_into(model, layout.path)
+    if not layout.tokenizer.is_file():
+        raise LlmctlError(f"{layout.path}: no tokenizer.json; save the tokenizer with save_pretrained next to the model.")
+    provenance_file = layout.path / "llmctl.json"
+    provenance = read_json_artifact(provenance_file, "model dir") if provenance_file.is_file() else {}
+    return LoadedModel(model.eval(), config, Tokenizer.from_file(str(layout.tokenizer)), provenance, layout.path)

@@ -4,6 +4,10 @@ A checkpoint dir holds what `Accelerator.save_state` writes (model, optimizer,
 registered scheduler, RNG states of every process) plus `trainer_state.json`
 (the step, which is also the data position, tokens seen and early-stopping state).
 It is written under a temporary name and renamed when whole.
+
+A LoRA run's checkpoints hold the adapters alone (`keep_adapters_only`): the frozen base weights
+are model.init_from's (or the seed's) and come back from there on resume, so a checkpoint is a small
+fraction of the model's size.
 """
 
 from __future__ import annotations
@@ -55,11 +59,58 @@ def save_checkpoint(accelerator: Any, run_dir: RunDir, step: int, state: dict[st
     return final
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
-    """Restore every process's state from `path`; a checkpoint of another model shape is refused."""
-    state = check_checkpoint(path)
+def keep_adapters_only(accelerator: Any) -> None:
+    """Make `save_state` write only the LoRA adapter tensors of the model (the rest is frozen)."""
+    from llmctl.training.lora import is_adapter_key
+
+    def drop_frozen(models: list, weights: list, output_dir: str) -> None:
+        for i, state in enumerate(weights):
+            weights[i] = {k: v for k, v in state.items() if is_adapter_key(k)}
+
+    accelerator.register_save_state_pre_hook(drop_frozen)
+
+
+def _check_adapters(path: Path, adapter_keys: set[str] | None) -> None:
+    """Refuse a checkpoint whose weights are not what this run saves: the whole model, or (LoRA) the
+    adapters on the same layers."""
+    from safetensors import SafetensorError, safe_open
+
+    from llmctl.training.lora import is_adapter_key
+
     try:
-        accelerator.load_state(str(path))
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            saved = set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise LlmctlError(f"{path / 'model.safetensors'}: cannot be read ({e}); the checkpoint is damaged.") from None
+    adapters = {k for k in saved if is_adapter_key(k)}
+    if adapter_keys is None:
+        if adapters:
+            raise LlmctlError(f"{path}: holds LoRA adapters only, but the recipe has no train.lora; resume with the "
+                              "recipe that made it, or pass --overwrite to start over.")
+        return
+    if adapters != saved:
+        raise LlmctlError(f"{path}: holds the whole model's weights, but the recipe sets train.lora; resume with the "
+                          "recipe that made it (train.lora: null), or pass --overwrite to start over.")
+    if adapters != adapter_keys:
+        def layers(keys: set[str]) -> str:
+            return ", ".join(sorted({k.rsplit(".", 2)[-2] for k in keys}))
+
+        raise LlmctlError(
+            f"{path}: adapters on {len(adapters) // 2} layers ({layers(adapters)}), but train.lora.targets puts them "
+            f"on {len(adapter_keys) // 2} ({layers(adapter_keys)}); resume with the recipe that made it, or pass --overwrite."
+        )
+
+
+def load_checkpoint(accelerator: Any, path: Path, adapter_keys: set[str] | None = None) -> dict[str, Any]:
+    """Restore every process's state from `path`; a checkpoint of another model shape is refused.
+
+    `adapter_keys` (a LoRA run): the state-dict keys of the model's adapters, the only weights the
+    checkpoint holds; the frozen rest of the model is left as it is.
+    """
+    state = check_checkpoint(path)
+    _check_adapters(Path(path), adapter_keys)
+    try:
+        accelerator.load_state(str(path), strict=adapter_keys is None)
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LlmctlError(

@@ -14,15 +14,16 @@ import torch
 ClassBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (B, T), lengths (B,), labels (B,)
 
 
-class ExampleBatches:
-    def __init__(self, ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
-        self.ids, self.lengths, self.labels = ids, lengths, labels
+class EpochOrder:
+    """Which examples (of `len(self)`) the global batch of each step takes: see the module docstring."""
+
+    def __init__(self, batch_size: int, seed: int):
         self.batch_size = batch_size
         self.seed = seed
         self._perm_cache: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        return len(self.labels)
+        raise NotImplementedError
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm_cache is None or self._perm_cache[0] != epoch:
@@ -34,6 +35,15 @@ class ExampleBatches:
         n = len(self)
         slots = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         return np.array([self._permutation(int(s // n))[s % n] for s in slots], dtype=np.int64)
+
+
+class ExampleBatches(EpochOrder):
+    def __init__(self, ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+        super().__init__(batch_size, seed)
+        self.ids, self.lengths, self.labels = ids, lengths, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
     def rows(self, index: np.ndarray) -> ClassBatch:
         """Token ids cut to the longest example in the batch, lengths and labels, as int64 tensors."""

@@ -10,7 +10,8 @@ from llmctl.config.schema import TrainConfig
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linear weights, embeddings); leave norms and biases undecayed."""
+    """Decay matrices (linear weights, embeddings); leave norms and biases undecayed. Frozen parameters
+    (all but the adapters of a LoRA run) are left out, so the optimizer keeps no state for them."""
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -52,10 +53,10 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 
 def l1_penalty(model: torch.nn.Module) -> torch.Tensor:
-    """Sum of |w| over weight matrices (not norms), each shared tensor counted once."""
+    """Sum of |w| over trained weight matrices (not norms, not frozen ones), each shared tensor counted once."""
     seen, total = set(), None
     for p in model.parameters():
-        if p.dim() < 2 or id(p) in seen:
+        if p.dim() < 2 or not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         term = p.abs().sum()

@@ -1,6 +1,7 @@
-"""What the trainer trains on: language modelling over token shards, or classification of labelled texts.
+"""What the trainer trains on: language modelling over token shards, classification of labelled texts,
+or instruction tuning on conversations with the loss on response tokens only.
 
-The loop in trainer.py is the same for both; a task supplies the batches of a step, the loss of one
+The loop in trainer.py is the same for all; a task supplies the batches of a step, the loss of one
 micro-batch, the evaluation row, and what "tokens" means in the logs. Each evaluation row names its
 figures as the recipe's `train.monitor` and `tune.objective` refer to them.
 """
@@ -14,6 +15,7 @@ import numpy as np
 
 from llmctl.config.schema import Recipe
 from llmctl.errors import LlmctlError
+from llmctl.training.examples import EpochOrder
 
 MAXIMIZED = {"val_accuracy", "val_f1"}
 
@@ -25,9 +27,11 @@ def monitor_is_better(monitor: str, value: float, best: float | None, min_delta:
     return value > best + min_delta if monitor in MAXIMIZED else value < best - min_delta
 
 
-def build_task(recipe: Recipe) -> "LanguageModelTask | ClassificationTask":
+def build_task(recipe: Recipe) -> "LanguageModelTask | ClassificationTask | InstructionTask":
     if recipe.data.task == "classification":
         return ClassificationTask(recipe)
+    if recipe.data.task == "instruct":
+        return InstructionTask(recipe)
     return LanguageModelTask(recipe)
 
 
@@ -203,6 +207,141 @@ class ClassificationTask:
             row = {"val_loss": round(float(loss_sum) / max(len(y_true), 1), 6)}
             row.update({k: round(v, 6) for k, v in figures.items()})
             return row
+
+        return evaluate
+
+
+class InstructionBatches(EpochOrder):
+    """Conversations, one per row, right-padded to the longest in the micro-batch and cut at
+    context_length + 1 tokens, addressed by optimizer step as `ExampleBatches` addresses its examples:
+    step s takes slots s*B .. (s+1)*B-1, slot i being conversation perm_e[i mod N] of epoch e = i // N.
+
+    Padding rather than packing: every response sees its whole prompt and nothing of another
+    conversation, and an epoch is each conversation once. Cutting each micro-batch to its longest row
+    keeps the padding small when lengths are alike.
+    """
+
+    def __init__(self, split: Any, context_length: int, batch_size: int, seed: int, pad_id: int):
+        self.tokens, self.mask = split.tokens, split.mask
+        self.starts, self.ends = np.asarray(split.starts, dtype=np.int64), split.ends
+        self.context_length = context_length
+        self.pad_id = pad_id
+        super().__init__(batch_size, seed)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def rows(self, index: np.ndarray) -> tuple[Any, Any, Any, Any]:
+        """Inputs (B, W), next-token targets (B, W), target mask (B, W) float (1 = a response token) and
+        real input tokens per row (B,), W being the longest row's length (at most context_length)."""
+        import torch
+
+        lengths = np.minimum(self.ends[index] - self.starts[index], self.context_length + 1)  # (B,) with the last target
+        width = max(int(lengths.max()), 2) if len(lengths) else 2
+        ids = np.full((len(index), width), self.pad_id, dtype=np.int64)  # (B, W+1)
+        keep = np.zeros((len(index), width), dtype=np.float32)  # (B, W+1)
+        for row, (start, n) in enumerate(zip(self.starts[index], lengths)):
+            ids[row, :n] = self.tokens[start : start + n]
+            keep[row, :n] = self.mask[start : start + n]
+        ids_t, keep_t = torch.from_numpy(ids), torch.from_numpy(keep)
+        return ids_t[:, :-1], ids_t[:, 1:], keep_t[:, 1:], torch.from_numpy(np.maximum(lengths - 1, 0))
+
+    def micro_batches(self, step: int, rank: int, world: int, micro_batch_size: int) -> list[tuple]:
+        """This process's micro-batches of `step`, each ending with the divisor that makes the mean of
+        their losses the mean over every response token of the step here (whatever the micro-batch size)."""
+        import torch
+
+        per_rank = self.batch_size // world
+        mine = self.indices(step)[rank * per_rank : (rank + 1) * per_rank]
+        parts = [self.rows(mine[i : i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]
+        responses = float(sum(float(p[2].sum()) for p in parts))
+        per_micro = torch.tensor(responses / len(parts) if responses else 1.0)
+        return [(*p, per_micro) for p in parts]
+
+
+class InstructionTask:
+    """Conversations with the next-token loss on response tokens only; val loss over response tokens."""
+
+    kind = "instruct"
+
+    def __init__(self, recipe: Recipe):
+        from llmctl.data.instructions import InstructionData
+
+        self.recipe = recipe
+        self.data = InstructionData(recipe.data_dir())
+        self.train, self.val = self.data.split("train"), self.data.split("val")
+        if len(self.train) == 0:
+            raise LlmctlError(f"{recipe.data_dir()}: the train split holds no conversations; add data.")
+        self.vocab_size = self.data.vocab_size
+        self.tokenizer_path = self.data.tokenizer_path
+        self.fingerprint = self.data.meta.get("fingerprint")
+        self.chat_template = self.data.chat_template
+        self._check_base_tokenizer()
+
+    def _check_base_tokenizer(self) -> None:
+        """A fine-tune must read its base model's token ids: refuse a dataset tokenized otherwise."""
+        from pathlib import Path
+
+        from llmctl.data.tokenizer import load_tokenizer
+
+        base = Path(self.recipe.model.init_from) / "tokenizer.json" if self.recipe.model.init_from else None
+        if base is None or not base.is_file():
+            return
+        if load_tokenizer(base).get_vocab() != load_tokenizer(self.tokenizer_path).get_vocab():
+            raise LlmctlError(
+                f"{self.tokenizer_path}: the dataset's tokenizer is not the one of model.init_from ({base}); set "
+                f"data.tokenizer: {base} and prepare again (llmctl prepare --force)."
+            )
+
+    def model_config(self) -> dict[str, Any]:
+        return _model_config(self.recipe, self.vocab_size)
+
+    def train_examples(self) -> int:
+        return len(self.train)
+
+    def batches(self, batch_size: int, seed: int) -> InstructionBatches:
+        return InstructionBatches(self.train, self.recipe.model.context_length, batch_size, seed, self.data.eot_id)
+
+    def tokens_in(self, batch: Any) -> int:
+        return int(batch[3].sum())
+
+    def loss(self, model: Any, batch: Any, accelerator: Any) -> Any:
+        import torch.nn.functional as F
+
+        x, y, keep, _, per_micro = batch
+        logits = model(x)  # (B, W, V)
+        nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")  # (B*W,)
+        return (nll * keep.reshape(-1)).sum() / per_micro
+
+    def info(self) -> dict[str, Any]:
+        T = self.recipe.model.context_length
+        cut = int(((self.train.ends - self.train.starts.astype(np.int64)) > T + 1).sum())
+        return {"train_examples": len(self.train), "val_examples": len(self.val), "train_tokens": len(self.train.tokens),
+                "val_tokens": len(self.val.tokens), "train_response_tokens": int(self.data.meta["splits"]["train"]["response_tokens"]),
+                "truncated_examples": cut}
+
+    def make_evaluator(self, micro: int, rank: int, world: int) -> Any:
+        val = InstructionBatches(self.val, self.recipe.model.context_length, 1, self.recipe.run.seed, self.data.eot_id)
+        count = min(len(val), self.recipe.train.eval_batches * micro * world)
+        mine = np.arange(count)[rank::world]
+
+        def evaluate(model: Any, accelerator: Any) -> dict[str, float]:
+            """Mean loss (nats per response token) over the same val conversations every time."""
+            import torch
+            import torch.nn.functional as F
+
+            device = accelerator.device
+            total = torch.zeros(2, device=device)  # (sum of response-token losses, response tokens)
+            with torch.no_grad():
+                for i in range(0, len(mine), micro):
+                    x, y, keep, _ = (t.to(device) for t in val.rows(mine[i : i + micro]))
+                    with accelerator.autocast():
+                        logits = model(x)  # (B, W, V)
+                    nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+                    total += torch.stack([(nll * keep.reshape(-1)).sum(), keep.sum()])
+            total = accelerator.reduce(total, reduction="sum")
+            value = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+            return {"val_loss": round(value, 6), "val_ppl": round(math.exp(min(value, 50.0)), 4)}
 
         return evaluate
 

@@ -87,17 +87,36 @@ def _model_config(recipe: Recipe, vocab_size: int) -> dict[str, Any]:
 
 
 def _same_model(run_dir: RunDir, recipe: Recipe) -> None:
-    """On resume, refuse a recipe whose model section differs from the one the run started with."""
+    """On resume, refuse a recipe whose model section (or LoRA adapters) differs from the one the run started with."""
     import yaml
 
     if not run_dir.recipe.is_file():
         return
-    old = (yaml.safe_load(run_dir.recipe.read_text(encoding="utf-8")) or {}).get("model", {})
+    saved = yaml.safe_load(run_dir.recipe.read_text(encoding="utf-8")) or {}
+    old = saved.get("model", {})
     new = recipe.model.model_dump(mode="json")
-    changed = sorted(k for k in new if old.get(k) != new[k] and k != "dropout")
+    changed = [f"model.{k}" for k in sorted(new) if old.get(k) != new[k] and k != "dropout"]
+    old_lora, new_lora = (saved.get("train") or {}).get("lora"), recipe.train.model_dump(mode="json")["lora"]
+    if (old_lora is None) != (new_lora is None) or (old_lora and new_lora and any(
+            old_lora.get(k) != new_lora[k] for k in ("rank", "alpha", "targets"))):
+        changed.append("train.lora")
     if changed:
-        keys = ", ".join(f"model.{k}" for k in changed)
-        raise LlmctlError(f"--resume: {keys} differ from {run_dir.recipe}; a resumed run keeps its model shape.")
+        raise LlmctlError(f"--resume: {', '.join(changed)} differ from {run_dir.recipe}; a resumed run keeps its model shape.")
+
+
+def _carried_chat_template(recipe: Recipe, task: Any) -> dict[str, Any]:
+    """config.json's chat_template for the trained model: the one the instruct data was rendered with,
+    else the one of the model.init_from dir it continues (an llmctl model dir's, or a Hugging Face
+    dir's), so serve keeps prompting it the same way."""
+    if task.kind == "classification":
+        return {}
+    template = getattr(task, "chat_template", None)
+    if template is None and recipe.model.init_from and Path(recipe.model.init_from).is_dir():
+        from llmctl.data.instructions import chat_template_beside
+
+        found = chat_template_beside(Path(recipe.model.init_from))
+        template = found[0] if found else None
+    return {"chat_template": template} if isinstance(template, str) else {}
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -126,7 +145,7 @@ def resolve_micro_batch(recipe: Recipe, processes: int, device: str, vocab_size:
     from llmctl.training.memory import choose_micro_batch, estimate_memory, free_device_memory, parse_memory
 
     cfg = recipe.train
-    if recipe.data.task != "lm":  # the memory model covers the gpt decoder only
+    if recipe.data.task == "classification":  # the memory model covers the gpt decoder only
         if cfg.micro_batch_size == "auto":
             raise LlmctlError("train.micro_batch_size: auto plans the memory of language models; give a number "
                               "(or null) for classification.")
@@ -245,27 +264,46 @@ def train(
     set_seed(recipe.run.seed)
     model_config = task.model_config()
     model = build_model(model_config)
-    if recipe.model.init_from and not resume_from:
+    # A LoRA checkpoint holds the adapters alone: the frozen base comes from init_from on resume too.
+    if recipe.model.init_from and (not resume_from or cfg.lora):
         from llmctl.training.init_from import load_weights_into
 
         load_weights_into(model, Path(recipe.model.init_from))
+    adapters: list[str] = []
+    if cfg.lora:
+        from llmctl.training.lora import apply_lora, base_fingerprint
+
+        if cfg.keep_sparsity:
+            raise LlmctlError("train.keep_sparsity cannot be kept with train.lora: merging the adapters fills the zeros; "
+                              "set train.lora: null to fine-tune all weights.")
+        base_fp = base_fingerprint(model)
+        adapters = apply_lora(model, cfg.lora)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_schedule(optimizer, cfg)
+    if adapters and cfg.strategy == "fsdp" and world > 1:
+        raise LlmctlError("train.lora works with strategy ddp only (FSDP flattens frozen and trained weights together).")
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.keep_sparsity and cfg.strategy == "fsdp" and world > 1:
         raise LlmctlError("train.keep_sparsity works with strategy ddp only (FSDP flattens the weight matrices).")
-    # Weights that start at zero (a pruned model) stay zero: a mask for each matrix that has any.
+    # Weights that start at zero (a pruned model) stay zero: a mask for each trained matrix that has any.
     sparsity_masks = [
         (p, p.ne(0).to(p.dtype)) for p in accelerator.unwrap_model(model).parameters()
-        if cfg.keep_sparsity and p.dim() >= 2 and not p.all()
+        if cfg.keep_sparsity and p.requires_grad and p.dim() >= 2 and not p.all()
     ]
     accelerator.register_for_checkpointing(scheduler)
+    adapter_keys = None
+    if adapters:
+        from llmctl.training.checkpoints import keep_adapters_only
+        from llmctl.training.lora import is_adapter_key
+
+        keep_adapters_only(accelerator)
+        adapter_keys = {k for k in model.state_dict() if is_adapter_key(k)}
     batches = task.batches(cfg.batch_size, recipe.run.seed)
     if cfg.max_memory is not None and device.type == "cuda":
         from llmctl.training.memory import parse_memory
 
         _cap_cuda_memory(device, parse_memory(cfg.max_memory))
-    if cfg.micro_batch_size == "auto" and device.type == "cuda":
+    if cfg.micro_batch_size == "auto" and device.type == "cuda" and task.kind == "lm":
         micro, plan = _probe_on_gpu(accelerator, model, batches, recipe, world, micro, plan)
         accum = cfg.batch_size // (micro * world)
         accelerator.gradient_accumulation_steps = accum
@@ -273,10 +311,17 @@ def train(
     metrics = MetricsLog(rd.metrics, enabled=main)
     state: dict[str, Any] = {"tokens": 0, "examples": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_monitor": None,
                              "best_step": None, "bad_evals": 0, "skipped": 0}
+    if adapters:
+        state["lora_base"] = base_fp
     start_step = 0
     if resume_from:
         # Load before writing anything, so a refused checkpoint leaves the run dir as it was.
-        saved = load_checkpoint(accelerator, resume_from[1])
+        saved = load_checkpoint(accelerator, resume_from[1], adapter_keys)
+        if adapters and saved.get("lora_base") not in (None, base_fp):
+            raise LlmctlError(
+                f"--resume: the base weights ({recipe.model.init_from or 'the seed'}'s) are not those the adapters of "
+                f"{resume_from[1]} were trained on; restore that base model dir, or pass --overwrite to start over."
+            )
         start_step = saved["step"]
         state.update({k: saved[k] for k in state if k in saved})
         metrics.truncate_after(start_step)
@@ -299,6 +344,13 @@ def train(
         "dataset": {"dir": str(dataset.path.resolve()), "fingerprint": task.fingerprint},
         "run_dir": str(rd.path.resolve()),
     }
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if adapters:
+        from llmctl.training.lora import adapter_record, merged_state_dict
+
+        base_parameters = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        provenance_base["adapter"] = adapter_record(cfg.lora, adapters, trainable, base_parameters, recipe.model.init_from)
+    model_extra = _carried_chat_template(recipe, task)
 
     def evaluate() -> dict[str, float]:
         model.eval()
@@ -307,8 +359,12 @@ def train(
         return row
 
     def save_model_to(dest: Path, step: int, extra: dict[str, Any]) -> None:
-        """Every process joins (a sharded model is gathered); the main one writes."""
-        full_state = accelerator.get_state_dict(model)
+        """Every process joins (a sharded model is gathered); the main one writes. LoRA adapters are
+        merged into the weights they adapt, so the model dir is a plain one."""
+        if adapters:
+            full_state = merged_state_dict(accelerator.unwrap_model(model)) if main else None
+        else:
+            full_state = accelerator.get_state_dict(model)
         if main:
             save_model_dir(
                 accelerator.unwrap_model(model),
@@ -316,6 +372,7 @@ def train(
                 tokenizer_path=task.tokenizer_path,
                 provenance={**provenance_base, "step": step, "tokens": state["tokens"], "metrics": extra},
                 state_dict=full_state,
+                extra_config=model_extra,
             )
         accelerator.wait_for_everyone()
 
@@ -366,6 +423,7 @@ def train(
             "start_step": start_step,
             "max_steps": max_steps,
             "parameters": plan.parameters if plan is not None else sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": trainable,
             "task": task.kind,
             "processes": world,
             "device": str(device),
@@ -380,6 +438,17 @@ def train(
             **task.info(),
         }
     )
+    truncated = task.info().get("truncated_examples")
+    if truncated:
+        cb.on_message(f"{truncated:,} train conversations are longer than model.context_length + 1 "
+                      f"({recipe.model.context_length + 1} tokens): each is cut there")
+    if adapters:
+        record = provenance_base["adapter"]
+        cb.on_message(
+            f"LoRA rank {cfg.lora.rank} (alpha {cfg.lora.alpha:g}) on {len(adapters)} layers "
+            f"({', '.join(cfg.lora.targets)}): {trainable:,} trainable parameters, "
+            f"{100 * trainable / max(record['base_parameters'], 1):.2f}% of the frozen {record['base_parameters']:,}"
+        )
 
     model.train()
     step = start_step

@@ -73,9 +73,27 @@ def test_help_lists_every_command_and_is_instant(tmp_path):
     assert min(timings) < 0.3, f"llmctl --help took {min(timings):.3f} s at best"
 
 
-def test_no_arguments_shows_help(tmp_path):
+def test_no_arguments_prints_the_first_steps_and_exits_0(tmp_path):
     result = llmctl_run(cwd=tmp_path)
-    assert "Usage: llmctl" in result.stdout + result.stderr and "recipes" in result.stdout + result.stderr
+    assert result.returncode == 0, result.stderr
+    for step in ("make demo", "llmctl recipes ls", "llmctl recipes cp tiny-gpt my.yaml", "llmctl train my.yaml",
+                 "llmctl --help"):
+        assert step in result.stdout, step
+
+
+def test_an_unknown_command_suggests_the_closest_and_exits_2(tmp_path):
+    result = llmctl_run("trian", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no such command 'trian'; did you mean 'train'?" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    sub = llmctl_run("recipes", "shwo", cwd=tmp_path)
+    assert sub.returncode == 2 and "did you mean 'show'?" in sub.stderr
+
+
+def test_an_unknown_command_with_nothing_close_lists_the_commands(tmp_path):
+    result = llmctl_run("xyzzy", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no such command 'xyzzy'; commands: prepare, train" in result.stderr
 
 
 def test_version_prints_the_package_version(tmp_path):
@@ -160,6 +178,17 @@ def test_recipes_validate_json_error_is_exactly_one_error_object(tmp_path):
     assert out["error"]["message"].startswith("bad.yaml:4 train.lr: must be > 0")
     assert out["error"]["kind"] == "recipe"
     assert "Traceback" not in result.stderr
+
+
+def test_quiet_keeps_stdout_and_errors_and_drops_the_rest_of_stderr(tmp_path):
+    llmctl_run("recipes", "cp", "tiny-gpt", "my.yaml", cwd=tmp_path)
+    loud = llmctl_run("recipes", "cp", "tiny-gpt", "my.yaml", "--force", cwd=tmp_path)
+    quiet = llmctl_run("--quiet", "recipes", "cp", "tiny-gpt", "my.yaml", "--force", cwd=tmp_path)
+    assert loud.returncode == quiet.returncode == 0 and loud.stderr.strip() and not quiet.stderr.strip()
+    (tmp_path / "bad.yaml").write_text(BAD)
+    failed = llmctl_run("-q", "recipes", "validate", "bad.yaml", "--json", cwd=tmp_path, LLMCTL_QUIET="1")
+    assert failed.returncode == 2 and "train.lr: must be > 0" in failed.stderr
+    assert set(json.loads(failed.stdout)) == {"error"}
 
 
 def test_recipes_validate_blames_a_bad_override_on_the_command_line(tmp_path):

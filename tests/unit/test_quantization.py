@@ -208,3 +208,15 @@ def test_load_refuses_float_weights_under_a_quantized_config(tiny_gpt, tiny_toke
 def test_load_refuses_to_put_a_quantized_model_on_another_device(int8_dir):
     with pytest.raises(LlmctlError, match=r"runs on CPU only, not cuda"):
         load_model_dir(int8_dir, device="cuda")
+
+
+def test_compress_refuses_to_quantize_a_model_with_attention_biases(tmp_path, tiny_tokenizer_path) -> None:
+    from llmctl.compression.pipeline import compress_model
+    from llmctl.config.schema import CompressConfig
+    from llmctl.models.registry import build_model
+    from tests.conftest import TINY_MODEL
+
+    save(build_model({**TINY_MODEL, "attention_bias": True}), tmp_path / "biased", tiny_tokenizer_path)
+    with pytest.raises(LlmctlError, match="q/k/v biases"):
+        compress_model(tmp_path / "biased", tmp_path / "out", CompressConfig(quantize="int8"))
+    assert not (tmp_path / "out").exists()
