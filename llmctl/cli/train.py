@@ -58,6 +58,9 @@ def train_cli(
         from llmctl.training.trainer import check_run_dir
 
         check_run_dir(target, resume=resume, overwrite=overwrite)
+        from llmctl.training.trackers import check_trackers
+
+        check_trackers(resolved.train.log_with)  # before preparing a data set the run would then refuse
         if not launched() and ((nproc or 1) > 1 or accelerate_config is not None):
             raise typer.Exit(_launch(recipe, overrides or [], resolved, run_dir, resume, overwrite, nproc, accelerate_config, device_ids, json_out))
 

@@ -270,6 +270,10 @@ class TrainConfig(_Section):
         "val_loss", description="The eval figure that early stopping and keep_best follow (val_loss is minimised; "
         "val_accuracy and val_f1, macro-F1, need data.task: classification and are maximised).",
     )
+    log_with: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers that also get the metrics.jsonl rows, through Accelerate: "
+        "tensorboard, mlflow, wandb (each needs its own package; written under the run dir where the tracker allows).",
+    )
     class_weights: Literal["none", "balanced"] | list[float] = Field(
         "none", description="classification: weight of each class in the loss: none, balanced (n / (classes x count)), "
         "or one weight per class in label order.",

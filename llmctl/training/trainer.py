@@ -231,6 +231,10 @@ def train(
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     cb = callbacks or TrainCallbacks()
     cfg = recipe.train
+    if cfg.log_with:
+        from llmctl.training.trackers import check_trackers
+
+        check_trackers(cfg.log_with)
     rd = RunDir(Path(run_dir))
     resume_from = check_run_dir(rd.path, resume=resume, overwrite=overwrite)
     if resume_from:
@@ -258,6 +262,8 @@ def train(
         gradient_accumulation_steps=accum,
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if cfg.compile else "no",
+        log_with=list(cfg.log_with) or None,
+        project_dir=rd.path if cfg.log_with else None,
     )
     rank, main, device = accelerator.process_index, accelerator.is_main_process, accelerator.device
 
@@ -334,6 +340,10 @@ def train(
         rd.path.mkdir(parents=True, exist_ok=True)
         write_atomic(rd.recipe, recipe_to_yaml(recipe))
     accelerator.wait_for_everyone()
+    if cfg.log_with:  # trackers write on the main process only (Accelerate's on_main_process)
+        from llmctl.training.trackers import flat_config, tracker_row
+
+        accelerator.init_trackers(recipe.run.name or rd.path.name, config=flat_config(recipe.model_dump(mode="json")))
     last_checkpoint = start_step or None
 
     evaluate_on_val = task.make_evaluator(micro, rank, world)
@@ -504,6 +514,8 @@ def train(
             if task.kind != "lm":
                 row["examples"] = state["examples"]
             metrics.append(row)
+            if cfg.log_with:
+                accelerator.log(tracker_row(row), step=step)
             loss_sum.zero_()
             window_t0, window_tokens, window_micro = now, 0, 0
         cb.on_step(step, row)
@@ -527,6 +539,8 @@ def train(
             if cfg.monitor != "val_loss":
                 eval_row[f"best_{cfg.monitor}"] = round(state["best_monitor"], 6)
             metrics.append(eval_row)
+            if cfg.log_with:
+                accelerator.log(tracker_row(eval_row), step=step)
             cb.on_eval(eval_row)
             if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
                 stopped_early = True
