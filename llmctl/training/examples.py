@@ -17,13 +17,14 @@ ClassBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (B, T), leng
 class EpochOrder:
     """Which examples (of `len(self)`) the global batch of each step takes: see the module docstring."""
 
-    def __init__(self, batch_size: int, seed: int):
+    def __init__(self, count: int, batch_size: int, seed: int):
+        self._count = count
         self.batch_size = batch_size
         self.seed = seed
         self._perm_cache: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        return self._count
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm_cache is None or self._perm_cache[0] != epoch:
@@ -39,11 +40,8 @@ class EpochOrder:
 
 class ExampleBatches(EpochOrder):
     def __init__(self, ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
-        super().__init__(batch_size, seed)
+        super().__init__(len(labels), batch_size, seed)
         self.ids, self.lengths, self.labels = ids, lengths, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def rows(self, index: np.ndarray) -> ClassBatch:
         """Token ids cut to the longest example in the batch, lengths and labels, as int64 tensors."""

@@ -35,7 +35,7 @@ def build_task(recipe: Recipe) -> "LanguageModelTask | ClassificationTask | Inst
     return LanguageModelTask(recipe)
 
 
-def _model_config(recipe: Recipe, vocab_size: int) -> dict[str, Any]:
+def model_config_of(recipe: Recipe, vocab_size: int) -> dict[str, Any]:
     config = recipe.model.model_dump()
     if config["vocab_size"] is None:
         config["vocab_size"] = vocab_size
@@ -69,7 +69,7 @@ class LanguageModelTask:
         self.fingerprint = self.shards.meta.get("fingerprint")
 
     def model_config(self) -> dict[str, Any]:
-        return _model_config(self.recipe, self.vocab_size)
+        return model_config_of(self.recipe, self.vocab_size)
 
     def train_examples(self) -> int:
         """Windows of context_length in the train split: what one epoch means here."""
@@ -144,7 +144,7 @@ class ClassificationTask:
         self.class_weights = class_weight_tensor(recipe.train.class_weights, np.asarray(self.train[2]), self.data.num_classes)
 
     def model_config(self) -> dict[str, Any]:
-        config = _model_config(self.recipe, self.vocab_size)
+        config = model_config_of(self.recipe, self.vocab_size)
         config.update(num_classes=self.data.num_classes, pad_id=self.data.pad_id, max_len=self.data.max_len,
                       labels=self.labels)
         return config
@@ -226,10 +226,7 @@ class InstructionBatches(EpochOrder):
         self.starts, self.ends = np.asarray(split.starts, dtype=np.int64), split.ends
         self.context_length = context_length
         self.pad_id = pad_id
-        super().__init__(batch_size, seed)
-
-    def __len__(self) -> int:
-        return len(self.starts)
+        super().__init__(len(self.starts), batch_size, seed)
 
     def rows(self, index: np.ndarray) -> tuple[Any, Any, Any, Any]:
         """Inputs (B, W), next-token targets (B, W), target mask (B, W) float (1 = a response token) and
@@ -294,7 +291,7 @@ class InstructionTask:
             )
 
     def model_config(self) -> dict[str, Any]:
-        return _model_config(self.recipe, self.vocab_size)
+        return model_config_of(self.recipe, self.vocab_size)
 
     def train_examples(self) -> int:
         return len(self.train)

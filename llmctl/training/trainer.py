@@ -80,12 +80,6 @@ def _check_precision(precision: str) -> str:
     return precision
 
 
-def _model_config(recipe: Recipe, vocab_size: int) -> dict[str, Any]:
-    from llmctl.training.tasks import _model_config as config_of
-
-    return config_of(recipe, vocab_size)
-
-
 def _same_model(run_dir: RunDir, recipe: Recipe) -> None:
     """On resume, refuse a recipe whose model section (or LoRA adapters) differs from the one the run started with."""
     import yaml
@@ -153,7 +147,9 @@ def resolve_micro_batch(recipe: Recipe, processes: int, device: str, vocab_size:
         if cfg.batch_size % processes:
             raise LlmctlError(f"train.batch_size ({cfg.batch_size}) must be a multiple of the process count ({processes}).")
         return micro, None
-    model_config = _model_config(recipe, vocab_size)
+    from llmctl.training.tasks import model_config_of
+
+    model_config = model_config_of(recipe, vocab_size)
     budget = parse_memory(cfg.max_memory) if cfg.max_memory is not None else free_device_memory(device)
     micro = cfg.micro_batch_size
     if micro == "auto":

@@ -137,8 +137,6 @@ def test_an_api_key_guards_classify_and_sigterm_exits_0(workdir: Path) -> None:
 
 def test_an_onnx_export_of_the_classifier_serves_the_same_labels(workdir: Path) -> None:
     export = run_cli(workdir, "export", "runs/sentiment-rnn/model", "-o", "out/onnx", check=False, timeout=600)
-    if export.returncode != 0 and "cannot be exported to ONNX yet" in export.stderr:
-        pytest.skip("llmctl export does not write classifiers yet")
     assert export.returncode == 0, export.stderr
     srv = Server(workdir, "out/onnx").wait_ready()
     try:
