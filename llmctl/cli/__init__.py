@@ -6,7 +6,9 @@ engine inside its own function, so `llmctl --help` and completion stay instant.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 import typer
 from typer.core import TyperGroup
@@ -35,9 +37,64 @@ First steps:
 Then `llmctl eval runs/my/model`; `llmctl --help` lists every command."""
 
 
+def _asks_for_json(args: Sequence[str]) -> bool:
+    """Whether `--json` is on the command line (before a `--` that ends the options)."""
+    words = list(args)
+    return "--json" in (words[: words.index("--")] if "--" in words else words)
+
+
+def _json_error(e: Exception) -> None:
+    """With --json on the command line, an error that never reached a command's own reporting (bad usage,
+    an unexpected exception) still leaves its one `{"error": ...}` object on stdout."""
+    from llmctl.cli.output import print_json
+    from llmctl.errors import EXIT_BAD_INPUT, LlmctlError
+
+    if isinstance(e, LlmctlError):
+        message, kind = e.message, e.kind
+    elif hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's (typer's own copy's) exceptions
+        message = e.format_message()
+        kind = "usage" if e.exit_code == EXIT_BAD_INPUT else "bad_input"
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None:
+            message = f"{ctx.command_path}: {message}"
+    else:
+        message, kind = f"{type(e).__name__}: {e}", "internal"
+    print_json({"error": {"message": message, "kind": kind}})
+
+
 class LlmctlGroup(TyperGroup):
     """A command group whose unknown command names the closest real one, and whose bash completion
-    understands `key=value` words. Plain `llmctl` prints what to do first."""
+    understands `key=value` words. Plain `llmctl` prints what to do first. With `--json` on the command
+    line, usage errors and unexpected failures print the `{"error": ...}` object too (DESIGN.md)."""
+
+    _json_args = False  # the root group's make_context records whether --json was given
+
+    def make_context(self, info_name: Optional[str], args: list[str], parent: Any = None, **extra: Any) -> Any:
+        if parent is not None:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        LlmctlGroup._json_args = _asks_for_json(args)
+        with self._json_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        if ctx.parent is not None:
+            return super().invoke(ctx)
+        with self._json_errors():
+            return super().invoke(ctx)
+
+    @staticmethod
+    @contextmanager
+    def _json_errors() -> Iterator[None]:
+        """Print the error object for what escapes a command (then let typer report it as usual: exit 2 for
+        bad usage, a traceback and exit 1 for a bug); a command's own exit has printed its object already."""
+        try:
+            yield
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:
+            if LlmctlGroup._json_args:
+                _json_error(e)
+            raise
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         # Here, before any parameter is converted, the guide costs no more than --help.
@@ -94,9 +151,13 @@ def _root(
     ),
 ) -> None:
     if quiet:
+        import warnings
+
         from llmctl.cli.output import set_quiet
 
         set_quiet()
+        warnings.simplefilter("ignore")  # a library's warning is not an error
+        os.environ["LLMCTL_QUIET"] = "1"  # the processes a command starts (train --nproc workers) are quiet too
 
 
 app.add_typer(recipes_cmd.app, name="recipes", cls=LlmctlGroup)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from llmctl.cli.completion import complete_model_dir, complete_recipe_file
-from llmctl.cli.output import out_console, print_json, reporting_errors, say, stage_printer
+from llmctl.cli.output import out_console, print_json, reporting_errors, say
 
 EPILOG = (
     "Examples: llmctl compress runs/tiny-gpt/model --prune 0.3 --quantize int8 -o out/tiny-int8  |  "
@@ -53,17 +53,14 @@ def compress_cli(
         from llmctl.cli.sections import resolve_section
 
         options = resolve_section(model_dir, recipe, "compress", {k: v for k, v in flags.items() if v is not None}, _FLAGS)
-        say(f"compressing {model_dir}: {describe(options)}")
-        progress = stage_printer()
-        callbacks = None
-        if options.recover_steps and options.prune:
-            from llmctl.cli.progress import TrainProgress
+        from llmctl.cli.progress import WorkProgress
 
-            callbacks = TrainProgress()
-        report = compress_model(
-            model_dir, output, options, data=data, overwrite=overwrite, measure_speed=not no_speed,
-            on_stage=progress, train_callbacks=callbacks,
-        )
+        if options.prune or options.quantize != "none":  # else compress_model says there is nothing to do
+            say(f"compressing {model_dir}: {describe(options)}")
+        with WorkProgress() as progress:
+            report = compress_model(
+                model_dir, output, options, data=data, overwrite=overwrite, measure_speed=not no_speed, progress=progress
+            )
         report["output"] = str(output)
         if json_out:
             print_json(report)
@@ -139,8 +136,9 @@ def report_table(report: dict[str, Any]) -> Any:
     table.add_row("size on disk", human_bytes(b["size_bytes"]), human_bytes(a["size_bytes"]), change(b["size_bytes"], a["size_bytes"]))
     table.add_row("val perplexity", num(b["perplexity"], ".3f"), num(a["perplexity"], ".3f"), change(b["perplexity"], a["perplexity"], pct=True))
     tokens = b.get("forward_tokens")
-    table.add_row(f"forward latency (1 x {tokens} tokens)", num(b["forward_ms"], ".2f") + " ms" if b["forward_ms"] else "-",
-                  num(a["forward_ms"], ".2f") + " ms" if a["forward_ms"] else "-", change(b["forward_ms"], a["forward_ms"], inverse=True) + " faster" if a["forward_ms"] else "-")
+    ms = [num(m["forward_ms"], ".2f") + " ms" if m["forward_ms"] else "-" for m in (b, a)]
+    faster = change(b["forward_ms"], a["forward_ms"], inverse=True) + " faster" if a["forward_ms"] else "-"
+    table.add_row(f"forward latency (1 x {tokens} tokens)" if tokens else "forward latency (not measured)", *ms, faster)
     table.add_row("generate tokens/s", num(b["generate_tokens_per_s"], ".1f"), num(a["generate_tokens_per_s"], ".1f"),
                   change(b["generate_tokens_per_s"], a["generate_tokens_per_s"]))
     return table

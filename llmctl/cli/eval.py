@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from llmctl.cli.completion import complete_model_or_export_dir
-from llmctl.cli.output import out_console, print_json, reporting_errors, say
+from llmctl.cli.output import out_console, print_json, reporting_errors, say, say_always
 from llmctl.errors import EXIT_GATE_FAILED, LlmctlError
 
 EPILOG = (
@@ -79,25 +79,40 @@ def eval_cli(
             return
         if compare:
             report = run_compare(model_dirs, data, text or [], split, max_tokens or 65536)
+            worst = max((r["perplexity"] for r in report["rows"] if r["perplexity"] is not None), default=None)
+            failures = _ppl_gate(report, worst, max_ppl)
             if json_out:
                 print_json(report)
             else:
                 out_console.print(compare_table(report))
-            worst = max((r["perplexity"] for r in report["rows"] if r["perplexity"] is not None), default=None)
-            if max_ppl is not None and worst is not None and worst > max_ppl:
-                say(f"[red]gate failed:[/] perplexity {worst:.3f} > --max-ppl {max_ppl}")
-                raise typer.Exit(EXIT_GATE_FAILED)
+            _exit_if_failed(failures)
             return
         report = run_eval(model_dirs[0], data, text or [], split, max_tokens, batch_size)
         samples = _samples(report.pop("_loaded"), prompt or [], max_new_tokens, temperature, top_k, top_p, seed)
         report["samples"] = samples
+        failures = _ppl_gate(report, report["perplexity"], max_ppl)
         if json_out:
             print_json(report)
         else:
             _print_report(report)
-        if max_ppl is not None and report["perplexity"] > max_ppl:
-            say(f"[red]gate failed:[/] perplexity {report['perplexity']:.3f} > --max-ppl {max_ppl}")
-            raise typer.Exit(EXIT_GATE_FAILED)
+        _exit_if_failed(failures)
+
+
+def _ppl_gate(report: dict, perplexity: float | None, max_ppl: float | None) -> list[str]:
+    """Judge --max-ppl: records `gate` in the report (for --json) and returns what failed."""
+    if max_ppl is None:
+        return []
+    failures = [f"perplexity {perplexity:.3f} > --max-ppl {max_ppl}"] if perplexity is not None and perplexity > max_ppl else []
+    report["gate"] = {"max_ppl": max_ppl, "passed": not failures, "failures": failures}
+    return failures
+
+
+def _exit_if_failed(failures: list[str]) -> None:
+    """Say each failed gate (even under --quiet) and exit 3."""
+    for failure in failures:
+        say_always(f"[red]gate failed:[/] {failure}")
+    if failures:
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 def _is_classifier(path: Path) -> bool:
@@ -160,22 +175,24 @@ def run_classifier_eval(model_dir: Path, data: Path | None, split: str, predict:
         if new.labels is not None:
             report["predicted"].update({k: scored[k] for k in ("accuracy", "macro") if k in scored})
     report["files"] = files
-    if "eval_json" in files:
-        write_json_atomic(Path(files["eval_json"]), {k: v for k, v in report.items() if k != "files"})
-    if json_out:
-        print_json(report)
-    else:
-        _print_classifier_report(report, per_class_table, confusion_table)
     failures = []
     if "accuracy" in report:
         if min_f1 is not None and report["macro"]["f1"] < min_f1:
             failures.append(f"macro-F1 {report['macro']['f1']:.4f} < --min-f1 {min_f1}")
         if min_accuracy is not None and report["accuracy"] < min_accuracy:
             failures.append(f"accuracy {report['accuracy']:.4f} < --min-accuracy {min_accuracy}")
+        if min_f1 is not None or min_accuracy is not None:
+            report["gate"] = {"min_f1": min_f1, "min_accuracy": min_accuracy, "passed": not failures, "failures": failures}
     elif min_f1 is not None or min_accuracy is not None:
         raise LlmctlError("--min-f1/--min-accuracy need labelled texts: the val split or --data, not --predict alone.")
+    if "eval_json" in files:
+        write_json_atomic(Path(files["eval_json"]), {k: v for k, v in report.items() if k != "files"})
+    if json_out:
+        print_json(report)
+    else:
+        _print_classifier_report(report, per_class_table, confusion_table)
     for failure in failures:
-        say(f"[red]gate failed:[/] {failure}")
+        say_always(f"[red]gate failed:[/] {failure}")
     return EXIT_GATE_FAILED if failures else 0
 
 
@@ -190,8 +207,11 @@ def run_classifier_compare(paths: list[Path], data: Path | None) -> dict:
     inputs, why = val_inputs_of(loaded[0], data, None)
     if inputs is None:
         raise LlmctlError(f"{paths[0]}: {why}")
+    from llmctl.cli.progress import WorkProgress
+
     say(f"profiling {len(loaded)} classifiers on {len(inputs.lengths):,} texts of {inputs.source}; timings interleaved")
-    rows = [p.to_dict() for p in profile_classifiers(loaded, inputs, [str(p) for p in paths])]
+    with WorkProgress() as progress:
+        rows = [p.to_dict() for p in profile_classifiers(loaded, inputs, [str(p) for p in paths], progress=progress)]
     return {"source": inputs.source, "examples": int(len(inputs.lengths)), "rows": rows}
 
 
@@ -274,8 +294,11 @@ def run_compare(paths: list[Path], data: Path | None, text: list[Path], split: s
             raise LlmctlError(f"{path}: its tokenizer differs from {paths[0]}'s; --compare needs models that share one.")
         loaded.append(model)
         names.append(str(path))
+    from llmctl.cli.progress import WorkProgress
+
     say(f"profiling {len(loaded)} models on {len(tokens) - 1:,} tokens; timings interleaved")
-    rows = [p.to_dict() for p in profile_models(loaded, tokens, byte_lengths, names)]
+    with WorkProgress() as progress:
+        rows = [p.to_dict() for p in profile_models(loaded, tokens, byte_lengths, names, progress=progress)]
     base = rows[0]["perplexity"]
     for r in rows:
         r["perplexity_change_pct"] = 100 * (r["perplexity"] / base - 1) if base and r["perplexity"] else None
@@ -312,8 +335,14 @@ def run_eval(model_dir: Path, data: Path | None, text: list[Path], split: str, m
     tokens, source, unigram = _eval_tokens(loaded, data, text, split)
     if max_tokens is not None:
         unigram = None
+    from llmctl.cli.progress import WorkProgress
+
     byte_lengths = token_byte_lengths(loaded.tokenizer)
-    result = evaluate_tokens(loaded.model, tokens, byte_lengths, source=source, batch_size=batch_size, max_tokens=max_tokens)
+    scored = min(len(tokens), max_tokens + 1 if max_tokens is not None else len(tokens)) - 1
+    with WorkProgress() as progress:
+        progress.stage(f"perplexity on {scored:,} tokens of {source}", unit="tokens")
+        result = evaluate_tokens(loaded.model, tokens, byte_lengths, source=source, batch_size=batch_size,
+                                 max_tokens=max_tokens, on_progress=progress.update)
     result.unigram_perplexity = unigram
     return {
         **result.to_dict(), "model_dir": str(model_dir), "backend": backend_name(loaded),

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 
 from llmctl.cli.completion import complete_model_dir, complete_recipe_file
-from llmctl.cli.output import out_console, print_json, reporting_errors, say, stage_printer
+from llmctl.cli.output import out_console, print_json, reporting_errors, say, say_always
 from llmctl.errors import EXIT_GATE_FAILED, LlmctlError
 
 EPILOG = (
@@ -76,11 +76,14 @@ def export_cli(
             tokens, _, missing = val_tokens_of(loaded, data, 16384)
             if missing:
                 say(f"[yellow]the int8 graph's perplexity will not be measured:[/] {missing}")
-        report = export_onnx(
-            loaded, output, opset=options.opset, atol=options.atol, quantize=options.quantize,
-            external_data_threshold=int(options.external_data_mb * 1e6), eval_tokens=tokens,
-            data=data if classifier else None, on_progress=stage_printer(),
-        )
+        from llmctl.cli.progress import WorkProgress
+
+        with WorkProgress() as progress:
+            report = export_onnx(
+                loaded, output, opset=options.opset, atol=options.atol, quantize=options.quantize,
+                external_data_threshold=int(options.external_data_mb * 1e6), eval_tokens=tokens,
+                data=data if classifier else None, progress=progress,
+            )
         result = report.to_dict()
         if json_out:
             print_json(result)
@@ -92,7 +95,7 @@ def export_cli(
             _print_int8(report.figures.get("int8"))
             say(f"wrote {output} ({', '.join(Path(p).name for k, p in report.paths.items() if k != 'dir')})")
         if not report.passed:
-            say(f"[red]parity check failed:[/] {report.failure} The files are kept in {output} for inspection.")
+            say_always(f"[red]parity check failed:[/] {report.failure} The files are kept in {output} for inspection.")
             raise typer.Exit(EXIT_GATE_FAILED)
 
 
@@ -106,7 +109,10 @@ def _export_hf(loaded: Any, output: Path, atol: float, data: Optional[Path], jso
         tokens, _, missing = val_tokens_of(loaded, data, 16384)
         if missing:
             say(f"[yellow]no val tokens: comparing on random ids[/] ({missing})")
-    report = export_hf(loaded, output, atol=atol, eval_tokens=tokens, on_progress=stage_printer())
+    from llmctl.cli.progress import WorkProgress
+
+    with WorkProgress() as progress:
+        report = export_hf(loaded, output, atol=atol, eval_tokens=tokens, progress=progress)
     if json_out:
         print_json(report.to_dict())
     else:
@@ -119,7 +125,7 @@ def _export_hf(loaded: Any, output: Path, atol: float, data: Optional[Path], jso
         files = ", ".join(Path(p).name for k, p in report.paths.items() if k != "dir")
         say(f"wrote {output} ({report.figures['architecture']}: {files})")
     if not report.passed:
-        say(f"[red]verification failed:[/] {report.failure} The files are kept in {output} for inspection.")
+        say_always(f"[red]verification failed:[/] {report.failure} The files are kept in {output} for inspection.")
         raise typer.Exit(EXIT_GATE_FAILED)
 
 

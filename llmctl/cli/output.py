@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import typer
 from rich.console import Console
@@ -16,8 +16,15 @@ from llmctl.errors import LlmctlError
 
 # Rich lays out for 80 columns when output is not a terminal; logs and pipes take wider tables.
 _LOG_WIDTH = None if os.environ.get("COLUMNS") else 120
-err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_LOG_WIDTH if not sys.stderr.isatty() else None)
-out_console = Console(highlight=False, width=_LOG_WIDTH if not sys.stdout.isatty() else None)
+# NO_COLOR (no-color.org): no colour and no other text style either; bars still move on a terminal.
+_STYLES = None if os.environ.get("NO_COLOR") else "auto"
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_LOG_WIDTH if not sys.stderr.isatty() else None,
+                      color_system=_STYLES)
+out_console = Console(highlight=False, width=_LOG_WIDTH if not sys.stdout.isatty() else None, color_system=_STYLES)
+if _STYLES is None:
+    import typer.rich_utils
+
+    typer.rich_utils.COLOR_SYSTEM = None  # typer's usage-error and --help panels
 
 
 def interactive() -> bool:
@@ -59,8 +66,7 @@ def reporting_errors(json_mode: bool = False) -> Iterator[None]:
     except LlmctlError as e:
         if json_mode:
             print_json({"error": {"message": e.message, "kind": e.kind}})
-        errors = err_console if not err_console.quiet else Console(stderr=True, highlight=False, soft_wrap=True)
-        errors.print(f"[bold red]error:[/] {escape(e.message)}", soft_wrap=True, emoji=False)
+        say_always(f"[bold red]error:[/] {escape(e.message)}")
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
@@ -71,13 +77,9 @@ def say(message: str) -> None:
     err_console.print(message)
 
 
-def stage_printer() -> Callable[[str], None]:
-    """An `on_stage(text)` callback printing each stage with the seconds since it was made."""
-    import time
-
-    t0 = time.perf_counter()
-
-    def stage(text: str) -> None:
-        say(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {text}")
-
-    return stage
+def say_always(message: str) -> None:
+    """What --quiet keeps on stderr: errors, a failed quality gate, the address a server listens on."""
+    if not err_console.quiet:
+        err_console.print(message, soft_wrap=True, emoji=False)
+        return
+    Console(stderr=True, highlight=False, soft_wrap=True, color_system=_STYLES).print(message, emoji=False)

@@ -2,54 +2,176 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
+
+from rich.markup import escape
 
 from llmctl.cli.output import err_console, interactive
+from llmctl.progress import Progress
 from llmctl.training.trainer import TrainCallbacks
 
-_PLAIN_EVERY_S = 10.0
+_PLAIN_EVERY_S = 10.0  # seconds between plain progress lines when no terminal watches
 
 
-class StageProgress:
-    """One bar per named stage, fed by an engine's `on_progress(stage, done, total)`."""
+def plain_every_s() -> float:
+    """Seconds between plain progress lines (LLMCTL_PROGRESS_EVERY_S, default 10): CI logs stay short."""
+    try:
+        return max(0.0, float(os.environ.get("LLMCTL_PROGRESS_EVERY_S", _PLAIN_EVERY_S)))
+    except ValueError:
+        return _PLAIN_EVERY_S
 
-    def __init__(self) -> None:
-        self._bars: dict[str, Any] = {}
-        self._progress = None
-        self._last_plain = 0.0
 
-    def __enter__(self) -> "StageProgress":
-        if interactive():
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
-            self._progress = Progress(
-                TextColumn("{task.description:>10}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=err_console,
-                transient=False,
-            )
-            self._progress.__enter__()
+
+def eta_of(done: float, total: float | None, elapsed: float) -> str:
+    """Time left at the rate so far ('?' until there is a rate)."""
+    if not total or done <= 0 or elapsed <= 0:
+        return "?"
+    return format_seconds(max(0.0, total - done) * elapsed / done)
+
+
+def format_amount(done: float, total: float | None, unit: str) -> str:
+    """'12/58 tensors (21%)', '3.1/31.0 MB (10%)', or without a total '12 tensors'."""
+    if unit == "bytes":
+        number, unit = (lambda n: f"{n / 1e6:,.1f}"), "MB"
+    else:
+        number = (lambda n: f"{n:,.0f}")
+    unit = f" {unit}" if unit else ""
+    if total:
+        return f"{number(done)}/{number(total)}{unit} ({100 * done / total:.0f}%)"
+    return f"{number(done)}{unit}" if done else ""
+
+
+class WorkProgress(Progress):
+    """Stages of long work: a rich bar with ETA per stage on a terminal, else one line per stage and a
+    plain line with done/total and ETA every `plain_every_s()` seconds."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._t0 = clock()
+        self._live = None
+        self._task = None
+        self._text = ""
+        self._unit = ""
+        self._stage_t0 = self._t0
+        self._last_plain = self._t0
+        self._done: float = 0
+        self._total: float | None = None
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+
+    def __enter__(self) -> "WorkProgress":
+        if not interactive():
+            self._heartbeat = threading.Thread(target=self._beat, name="llmctl-progress", daemon=True)
+            self._heartbeat.start()
+            return self
+        from rich.progress import BarColumn, Progress as Bars, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._live = Bars(
+            SpinnerColumn(finished_text="[green]✓[/]"),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[amount]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=err_console,
+        )
+        self._live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
+        self._stopped.set()
+        self._finish_stage()
+        if self._live is not None:
+            self._live.__exit__(*exc)
+            self._live = None
+
+    def stage(self, text: str, unit: str = "") -> None:
+        self._finish_stage()
+        with self._lock:
+            now = self._clock()
+            self._text, self._unit, self._stage_t0, self._last_plain = text, unit, now, now
+            self._done, self._total = 0, None
+            if self._live is not None:
+                self._task = self._live.add_task(escape(text), total=None, amount="")
+            else:
+                err_console.print(f"[dim]{now - self._t0:6.1f}s[/] {escape(text)}")
+
+    def update(self, done: float, total: float | None = None) -> None:
+        with self._lock:
+            self._done, self._total = done, total if total is not None else self._total
+            if self._live is not None:
+                if self._task is not None:
+                    self._live.update(self._task, completed=done, total=self._total, amount=self._amount())
+                return
+            now = self._clock()
+            if now - self._last_plain >= plain_every_s() and now > self._stage_t0:
+                self._plain_line(now)
+
+    def _beat(self) -> None:
+        """Without a terminal, a stage that counts nothing (one long library call) still says it is running."""
+        every = plain_every_s() or _PLAIN_EVERY_S
+        while not self._stopped.wait(min(every, 1.0)):
+            with self._lock:
+                now = self._clock()
+                if self._text and now - self._last_plain >= every:
+                    self._plain_line(now)
+
+    def _plain_line(self, now: float) -> None:
+        """'  12.0s   4/11 steps (36%), eta 6s', or for work that counts nothing '  40.0s   running for 30s'."""
+        self._last_plain = now
+        if self._done:
+            where = f"{self._amount()}, eta {eta_of(self._done, self._total, now - self._stage_t0)}"
+        else:
+            where = f"running for {format_seconds(now - self._stage_t0)}"
+        err_console.print(f"[dim]{now - self._t0:6.1f}s[/]   {where}")
+
+    def note(self, text: str) -> None:
+        err_console.print(text)
+
+    def _amount(self) -> str:
+        return format_amount(self._done, self._total, self._unit)
+
+    def _finish_stage(self) -> None:
+        if self._live is not None and self._task is not None:
+            total = self._total or 1
+            self._live.update(self._task, completed=total, total=total, amount=self._amount())
+            self._live.stop_task(self._task)
+        self._task = None
+
+
+class StageProgress:
+    """`prepare`'s `on_progress(stage, done, total)` (bytes of text) drawn by a WorkProgress."""
+
+    _LABELS = {"tokenizer": "tokenizer: reading text", "merges": "tokenizer: computing merges", "encode": "encoding"}
+
+    def __init__(self) -> None:
+        self._work = WorkProgress()
+        self._current: str | None = None
+
+    def __enter__(self) -> "StageProgress":
+        self._work.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._work.__exit__(*exc)
 
     def update(self, stage: str, done: int, total: int | None) -> None:
-        if self._progress is None:
-            now = time.monotonic()
-            if now - self._last_plain >= _PLAIN_EVERY_S or (total and done >= total):
-                self._last_plain = now
-                of = f" of {total / 1e6:.1f}" if total else ""
-                err_console.print(f"{stage}: {done / 1e6:.1f}{of} MB")
-            return
-        if stage not in self._bars:
-            self._bars[stage] = self._progress.add_task(stage, total=total)
-        self._progress.update(self._bars[stage], completed=done, total=total)
+        if stage != self._current:
+            self._current = stage
+            self._work.stage(self._LABELS.get(stage, stage), unit="bytes" if stage != "merges" else "")
+        self._work.update(done, total)
 
 
 def plan_table(plan: Any) -> Any:
@@ -94,6 +216,7 @@ class TrainProgress(TrainCallbacks):
         if info["start_step"]:
             err_console.print(f"resuming at step {info['start_step']}")
         self._max = info["max_steps"]
+        self._first_step, self._started = info["start_step"], time.monotonic()
         if interactive():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -123,9 +246,10 @@ class TrainProgress(TrainCallbacks):
             self._progress.update(self._task, completed=step, stats=self._stats())
         elif row is not None:
             now = time.monotonic()
-            if now - self._last_plain >= _PLAIN_EVERY_S or step == self._max:
+            if now - self._last_plain >= plain_every_s() or step == self._max:
                 self._last_plain = now
-                err_console.print(f"step {step}/{self._max}  {self._stats()}")
+                eta = eta_of(step - self._first_step, self._max - self._first_step, now - self._started)
+                err_console.print(f"step {step}/{self._max}  {self._stats()}  eta {eta}")
 
     def on_eval(self, row: dict[str, Any]) -> None:
         if "val_f1" in row:

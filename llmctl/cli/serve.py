@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from llmctl.cli.completion import complete_model_or_export_dir
-from llmctl.cli.output import reporting_errors, say
+from llmctl.cli.output import reporting_errors, say, say_always
 
 EPILOG = (
     "Examples: llmctl serve runs/tiny-gpt/model  |  llmctl serve out/tiny-onnx --port 8080 --api-key s3cret  |  "
@@ -42,13 +42,15 @@ def serve_cli(
     """Serve a model over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions, /v1/models, streaming too;
     a classifier answers POST /v1/classify with labels and probabilities."""
     with reporting_errors():
+        from llmctl.cli.progress import WorkProgress
         from llmctl.serving.server import ServeOptions, serve
 
         options = ServeOptions(
             path=path, host=host, port=port, api_key=api_key or None, max_batch_size=max_batch_size,
             max_queue=max_queue, max_tokens_limit=max_tokens_limit, dtype=dtype, model_name=model_name,
         )
-        code = serve(options, say=lambda text: say(_escape(text)))
+        code = serve(options, say=lambda text: say(_escape(text)), progress=WorkProgress(),
+                     announce=lambda text: say_always(_escape(text)))
         if code:
             raise typer.Exit(code)
 

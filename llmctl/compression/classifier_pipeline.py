@@ -14,13 +14,14 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from llmctl.artifacts import replace_dir_atomic, staging_dir, write_json_atomic
 from llmctl.config.schema import CompressConfig
 from llmctl.errors import LlmctlError
+from llmctl.progress import Progress, silent_if_none
 
 COMPRESSION_JSON = "compression.json"
 LATENCY_BATCH = 32  # texts per timed forward pass
@@ -70,13 +71,13 @@ def compress_classifier(
     *,
     data: Path | None = None,
     measure_speed: bool = True,
-    on_stage: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Compress the loaded float classifier into `out_dir`; returns the report also written as compression.json."""
     from llmctl.compression.pipeline import save_compressed
     from llmctl.models.model_dir import load_model_dir
 
-    stage = on_stage or (lambda text: None)
+    progress = silent_if_none(progress)
     check_classifier_options(options)
     inputs, no_data = val_inputs_of(loaded, data, options.eval_tokens)
 
@@ -86,18 +87,19 @@ def compress_classifier(
         if options.prune:
             from llmctl.compression.pruning import prune_unstructured
 
-            stage(f"magnitude pruning ({options.prune_method}) to {options.prune:.0%} sparsity")
+            progress.stage(f"magnitude pruning ({options.prune_method}) to {options.prune:.0%} sparsity")
             pruning = {"method": options.prune_method, **prune_unstructured(model, options.prune, scope=options.prune_method)}
         if options.quantize != "none":
             from llmctl.compression.classifier_quant import quantize_classifier
 
-            stage(f"quantizing to {options.quantize}")
+            progress.stage(f"quantizing to {options.quantize}")
             model = quantize_classifier(model, options.quantize)
-        stage("writing the model dir")
+        progress.stage("writing the model dir")
         save_compressed(model, loaded, model_dir, options, work / "model")
-        stage("measuring both models (the compressed one as loaded from disk), timings interleaved")
+        progress.stage("loading both models (the compressed one as written)")
         models = [load_model_dir(model_dir), load_model_dir(work / "model")]
-        before, after = profile_classifiers(models, inputs, [str(model_dir), str(out_dir)], speed=measure_speed)
+        before, after = profile_classifiers(models, inputs, [str(model_dir), str(out_dir)], speed=measure_speed,
+                                            progress=progress)
         report = _report(options, before, after, pruning, models[1], no_data)
         write_json_atomic(work / "model" / COMPRESSION_JSON, report)
         replace_dir_atomic(work / "model", Path(out_dir))
@@ -123,15 +125,21 @@ def val_inputs_of(loaded: Any, data: Path | None, max_tokens: int | None) -> tup
     return inputs, None
 
 
-def profile_classifiers(loaded: list[Any], inputs: Any, names: list[str], *, speed: bool = True) -> list[ClassifierProfile]:
+def profile_classifiers(loaded: list[Any], inputs: Any, names: list[str], *, speed: bool = True,
+                        progress: Progress | None = None) -> list[ClassifierProfile]:
     """Score each model on the same val texts and time it on the same batch, timings interleaved."""
     from llmctl.evaluation.classifier_eval import evaluate_classifier
     from llmctl.evaluation.profile import backend_name, stored_parameters, weights_files
 
+    progress = silent_if_none(progress)
     ids, lengths = latency_batch(loaded[0].config, inputs)
+    if speed:
+        progress.stage(f"timing {len(loaded)} models, interleaved (forward at {ids.shape[0]} x {ids.shape[1]} tokens)")
     timings = classifier_latency_ms([m.model for m in loaded], ids, lengths) if speed else [None] * len(loaded)
     profiles = []
     for m, name, ms in zip(loaded, names, timings):
+        if inputs is not None:
+            progress.stage(f"accuracy of {name} on {len(inputs.lengths):,} val texts")
         metrics = evaluate_classifier(m, inputs)[0] if inputs is not None else {}
         params, nonzero = stored_parameters(m)
         profiles.append(ClassifierProfile(

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmctl.artifacts import check_output_dir, replace_dir_atomic, staging_dir, write_json_atomic
 from llmctl.config.schema import CompressConfig
 from llmctl.errors import LlmctlError
+from llmctl.progress import Progress, silent_if_none
 
 COMPRESSION_JSON = "compression.json"
 
@@ -38,14 +39,15 @@ def compress_model(
     data: Path | None = None,
     overwrite: bool = False,
     measure_speed: bool = True,
-    on_stage: Callable[[str], None] | None = None,
-    train_callbacks: Any = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Compress the model dir at `model_dir` into `out_dir`; returns the report also written as compression.json."""
+    """Compress the model dir at `model_dir` into `out_dir`; returns the report also written as compression.json.
+
+    `progress` hears each stage, and how far quantizing and measuring are."""
     from llmctl.evaluation.profile import profile_models, val_tokens_of
     from llmctl.models.model_dir import load_model_dir
 
-    stage = on_stage or (lambda text: None)
+    progress = silent_if_none(progress)
     if options.prune == 0 and options.quantize == "none":
         raise LlmctlError("nothing to do: give --prune S (0 < S < 1) and/or --quantize (int8, int8-weight, int4-weight).")
     if options.recover_steps and not options.prune:
@@ -60,7 +62,7 @@ def compress_model(
         from llmctl.compression.classifier_pipeline import compress_classifier
 
         return compress_classifier(loaded, Path(model_dir), Path(out_dir), options, data=data,
-                                   measure_speed=measure_speed, on_stage=stage)
+                                   measure_speed=measure_speed, progress=progress)
     if loaded.config.get("attention_bias") and (options.quantize != "none" or options.prune_method == "structured"):
         raise LlmctlError(
             f"{model_dir}: a model with q/k/v biases (attention_bias, e.g. from Qwen2); --quantize and structured pruning "
@@ -72,21 +74,22 @@ def compress_model(
 
     work = staging_dir(Path(out_dir))
     try:
-        model, pruning = _prune(loaded, options, tokens, stage)
+        model, pruning = _prune(loaded, options, tokens, progress)
         recovery = None
         if options.prune and options.recover_steps:
-            model, recovery = _recover(loaded, model, options, work, data, stage, train_callbacks)
+            model, recovery = _recover(loaded, model, options, work, data, progress)
         if options.quantize != "none":
             from llmctl.compression.quantization import quantize_model
 
-            stage(f"quantizing to {options.quantize}")
-            model = quantize_model(model, options.quantize)
-        stage("writing the model dir")
+            progress.stage(f"quantizing to {options.quantize}", unit="tensors")
+            model = quantize_model(model, options.quantize, on_progress=progress.update)
+        progress.stage("writing the model dir")
         save_compressed(model, loaded, model_dir, options, work / "model")
-        stage("measuring both models (the compressed one as loaded from disk), timings interleaved")
+        progress.stage("loading both models (the compressed one as written)")
         original = load_model_dir(model_dir)
         before, after = profile_models(
-            [original, load_model_dir(work / "model")], tokens, byte_lengths, [str(model_dir), str(out_dir)], speed=measure_speed
+            [original, load_model_dir(work / "model")], tokens, byte_lengths, [str(model_dir), str(out_dir)],
+            speed=measure_speed, progress=progress,
         )
         report = _report(options, before, after, pruning, recovery, no_data)
         write_json_atomic(work / "model" / COMPRESSION_JSON, report)
@@ -96,7 +99,7 @@ def compress_model(
     return report
 
 
-def _prune(loaded: Any, options: CompressConfig, tokens: Any, stage: Callable[[str], None]) -> tuple[Any, dict | None]:
+def _prune(loaded: Any, options: CompressConfig, tokens: Any, progress: Progress) -> tuple[Any, dict | None]:
     if not options.prune:
         return loaded.model, None
     from llmctl.compression.pruning import prune_structured, prune_unstructured
@@ -109,18 +112,18 @@ def _prune(loaded: Any, options: CompressConfig, tokens: Any, stage: Callable[[s
         if len(tokens) < T + 1:
             raise LlmctlError(f"structured pruning: the val split has {len(tokens)} tokens, fewer than one context ({T + 1}).")
         calibration = torch.from_numpy(tokens[: n * T].astype("int64")).view(n, T)  # (n, T)
-        stage(f"structured pruning: scoring heads and channels on {n * T:,} val tokens")
+        progress.stage(f"structured pruning: scoring heads and channels on {n * T:,} val tokens")
         before = {k: loaded.config.get(k) for k in ("n_head", "n_kv_head", "d_ff")}
         model = prune_structured(loaded.model, options.prune, calibration)
         after = {k: getattr(model.config, k) for k in ("n_head", "n_kv_head", "d_ff")}
         return model, {"method": "structured", "fraction": options.prune, "before": before, "after": after}
-    stage(f"magnitude pruning ({options.prune_method}) to {options.prune:.0%} sparsity")
+    progress.stage(f"magnitude pruning ({options.prune_method}) to {options.prune:.0%} sparsity")
     stats = prune_unstructured(loaded.model, options.prune, scope=options.prune_method)
     return loaded.model, {"method": options.prune_method, **stats}
 
 
 def _recover(
-    loaded: Any, model: Any, options: CompressConfig, work: Path, data: Path | None, stage: Callable[[str], None], callbacks: Any
+    loaded: Any, model: Any, options: CompressConfig, work: Path, data: Path | None, progress: Progress
 ) -> tuple[Any, dict]:
     """Fine-tune the pruned model through the normal trainer; unstructured zeros stay zero."""
     from llmctl.config.schema import Recipe
@@ -157,8 +160,8 @@ def _recover(
             ),
         }
     )
-    stage(f"recovery fine-tune: {steps} steps at lr {recipe.train.lr:g}")
-    result = train(recipe, work / "recover", overwrite=True, callbacks=callbacks)
+    progress.stage(f"recovery fine-tune: {steps} steps at lr {recipe.train.lr:g}", unit="steps")
+    result = train(recipe, work / "recover", overwrite=True, callbacks=_RecoveryProgress(progress))
     recovered = load_model_dir(result.model_dir).model
     return recovered, {"steps": steps, "lr": recipe.train.lr, "final_loss": result.loss, "val_loss": result.val_loss}
 
@@ -196,3 +199,24 @@ def save_compressed(model: Any, loaded: Any, model_dir: Path, options: CompressC
     }
     save_model_dir(model, dest, tokenizer_path=loaded.path / "tokenizer.json", provenance=provenance,
                    extra_config=carried_config(loaded.config))
+
+
+class _RecoveryProgress:
+    """The recovery fine-tune's steps as the current stage's count; its eval rows as notes."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.max_steps = 0
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.max_steps = info["max_steps"]
+        self.progress.update(info["start_step"], self.max_steps)
+
+    def on_step(self, step: int, row: dict[str, Any] | None) -> None:
+        self.progress.update(step, self.max_steps)
+
+    def on_eval(self, row: dict[str, Any]) -> None:
+        self.progress.note(f"recovery step {row['step']}: val loss {row['val_loss']:.4f}")
+
+    def on_message(self, text: str) -> None:
+        self.progress.note(text)

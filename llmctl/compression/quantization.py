@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from llmctl.errors import LlmctlError
 from llmctl.models.gpt import GPT
+from llmctl.progress import OnProgress
 from llmctl.models.quantized import (
     QUANTIZED_MODULES,
     SCHEMES,
@@ -30,11 +31,11 @@ from llmctl.models.quantized import (
 INT4_GROUP_SIZE = 32  # inputs sharing one scale and offset; 32 costs 1 bit per weight for them
 
 
-def quantize_model(model: GPT, scheme: str) -> GPT:
+def quantize_model(model: GPT, scheme: str, on_progress: OnProgress | None = None) -> GPT:
     """Quantize `model` in place under `scheme` ("int8", "int8-weight" or "int4-weight") and return it.
 
     The model is put in eval mode and runs on CPU only; `model.quantization` records the scheme for
-    config.json.
+    config.json. `on_progress(done, total)` counts the tensors quantized.
     """
     if scheme not in SCHEMES:
         raise LlmctlError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}.")
@@ -46,8 +47,10 @@ def quantize_model(model: GPT, scheme: str) -> GPT:
         )
     if next(model.parameters()).device.type != "cpu":
         raise LlmctlError("quantized models run on CPU only; move the model to CPU before quantizing it.")
+    names = decoder_linear_names(model)
+    total = len(names) + 2  # the layers, then the embedding and the output head
     with torch.no_grad():
-        for name in decoder_linear_names(model):
+        for done, name in enumerate(names, 1):
             weight = model.get_submodule(name).weight.float()
             if scheme == "int4-weight":
                 packed, scale, zero = int4_groups(weight, INT4_GROUP_SIZE)
@@ -55,6 +58,8 @@ def quantize_model(model: GPT, scheme: str) -> GPT:
             else:
                 module = int8_linear_type(scheme)(*int8_rows(weight))
             model.set_submodule(name, module)
+            if on_progress is not None:
+                on_progress(done, total)
         head_weight = model.lm_head.weight.float()
         embed = Int8Embedding(*int8_rows(model.model.embed_tokens.weight.float()))
         model.model.embed_tokens = embed
@@ -62,6 +67,8 @@ def quantize_model(model: GPT, scheme: str) -> GPT:
             model.lm_head = int8_linear_type(scheme)(embed.weight, embed.weight_scale)
         else:
             model.lm_head = int8_linear_type(scheme)(*int8_rows(head_weight))
+        if on_progress is not None:
+            on_progress(total, total)
     model.quantization = {"scheme": scheme, **({"group_size": INT4_GROUP_SIZE} if scheme == "int4-weight" else {})}
     model.batch_invariant = scheme != "int8"  # as build_quantized_gpt marks it
     return model.eval()

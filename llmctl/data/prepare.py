@@ -227,6 +227,7 @@ def _train(data: DataConfig, split_of: Callable[[Document], str], report: Progre
             if not doc.continues:
                 split = None
         report("tokenizer", stats.bytes, estimate)
+        report("merges", 0, None)  # the text is read: `tokenizers` now computes the merges in one call
 
     tok = train_tokenizer(texts(True), data.vocab_size, data.min_frequency, data.special_tokens)
     if not took_any:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from llmctl.evaluation.speed import SpeedResult
+from llmctl.progress import OnProgress, Progress, silent_if_none
 
 
 @dataclass
@@ -87,6 +88,7 @@ def profile_model(
     *,
     name: str,
     timing: SpeedResult | None = None,
+    on_progress: OnProgress | None = None,
 ) -> ModelProfile:
     """Score `tokens` (None: no perplexity) and gather the stored figures; `timing` from `measure_speeds`."""
     from llmctl.evaluation.perplexity import evaluate_tokens
@@ -94,7 +96,7 @@ def profile_model(
     ppl = loss = None
     scored = 0
     if tokens is not None:
-        result = evaluate_tokens(loaded.model, tokens, byte_lengths, source=name)
+        result = evaluate_tokens(loaded.model, tokens, byte_lengths, source=name, on_progress=on_progress)
         ppl, loss, scored = result.perplexity, result.loss, result.tokens
     params, nonzero = stored_parameters(loaded)
     return ModelProfile(
@@ -113,16 +115,26 @@ def profile_model(
 
 
 def profile_models(
-    loaded: list[Any], tokens: np.ndarray | None, byte_lengths: np.ndarray | None, names: list[str], *, speed: bool = True
+    loaded: list[Any], tokens: np.ndarray | None, byte_lengths: np.ndarray | None, names: list[str], *, speed: bool = True,
+    progress: Progress | None = None,
 ) -> list[ModelProfile]:
     """Profile several models on the same tokens; their timings are taken interleaved."""
     from llmctl.evaluation.speed import measure_speeds
 
+    progress = silent_if_none(progress)
     timings: list[SpeedResult | None] = [None] * len(loaded)
     if speed:
         context = min(m.model.context_length for m in loaded)
-        timings = list(measure_speeds([m.model for m in loaded], context, loaded[0].config["vocab_size"]))
-    return [profile_model(m, tokens, byte_lengths, name=n, timing=t) for m, n, t in zip(loaded, names, timings)]
+        progress.stage(f"timing {len(loaded)} models, interleaved (forward at 1 x {context} tokens, greedy generation)",
+                       unit="timings")
+        timings = list(measure_speeds([m.model for m in loaded], context, loaded[0].config["vocab_size"],
+                                      on_progress=progress.update))
+    profiles = []
+    for m, n, t in zip(loaded, names, timings):
+        if tokens is not None:
+            progress.stage(f"perplexity of {n} on {len(tokens) - 1:,} val tokens", unit="tokens")
+        profiles.append(profile_model(m, tokens, byte_lengths, name=n, timing=t, on_progress=progress.update))
+    return profiles
 
 
 def val_tokens_of(loaded: Any, data: Path | None, max_tokens: int | None) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:

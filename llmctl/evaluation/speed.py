@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llmctl.progress import OnProgress
+
 
 @dataclass
 class SpeedResult:
@@ -63,7 +65,10 @@ def generation_tokens_per_s(model: Any, prompt_tokens: int, new_tokens: int, *, 
     return 1.0 / best
 
 
-def measure_speeds(models: list[Any], context_length: int, vocab_size: int, *, new_tokens: int = 32, rounds: int = 3) -> list[SpeedResult]:
+def measure_speeds(
+    models: list[Any], context_length: int, vocab_size: int, *, new_tokens: int = 32, rounds: int = 3,
+    on_progress: OnProgress | None = None,
+) -> list[SpeedResult]:
     """Time several models the same way, interleaved round by round, so a busy machine slows all alike.
 
     Forward latency is at batch 1 over the full context; generation follows a half-context prompt.
@@ -76,6 +81,8 @@ def measure_speeds(models: list[Any], context_length: int, vocab_size: int, *, n
         for i, model in enumerate(models):
             forward[i].append(forward_latency_ms(model, context_length, reps=5, vocab_size=vocab_size))
             tps[i].append(generation_tokens_per_s(model, prompt, new_tokens, vocab_size=vocab_size, reps=1))
+            if on_progress is not None:
+                on_progress(sum(map(len, tps)), rounds * len(models))
     return [
         SpeedResult(statistics.median(f), context_length, max(t), prompt, new_tokens) for f, t in zip(forward, tps)
     ]

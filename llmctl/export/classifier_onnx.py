@@ -20,7 +20,7 @@ import copy
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from llmctl.export.onnx_export import (
 )
 from llmctl.export.onnx_quant import keep_int8_candidate
 from llmctl.models.onnx_classifier import INPUTS, OUTPUT
+from llmctl.progress import Progress, silent_if_none
 
 PARITY_TEXTS = 128  # val texts run through both backends (batches of 1, 2, 5, 8, 16, 32, 64)
 INT8_TEXTS = 2048  # val texts the int8 graph is scored on, at most
@@ -52,7 +53,7 @@ def export_classifier_onnx(
     rtol: float | None = None,
     quantize: str | None = None,
     data: Path | None = None,
-    on_progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> ExportReport:
     """Export a loaded classifier model dir (float or int8) to `out_dir`, verified against PyTorch.
 
@@ -65,7 +66,7 @@ def export_classifier_onnx(
     out_dir = Path(out_dir)
     quantize = None if quantize in (None, "none") else quantize
     check_common_request(out_dir, opset, quantize, atol, rtol)
-    say = on_progress or (lambda message: None)
+    progress = silent_if_none(progress)
     model, source_quantization = _fp32_classifier(loaded)
     texts = _texts_of(loaded, data)
     seconds: dict[str, float] = {}
@@ -73,7 +74,7 @@ def export_classifier_onnx(
     tmp = staging_dir(out_dir)
     layout = ExportDir(tmp)
     try:
-        say(f"exporting the graph (torch.onnx.export, dynamo, opset {opset})")
+        progress.stage(f"exporting the graph (torch.onnx.export, dynamo, opset {opset})")
         start = time.perf_counter()
         ids = torch.randint(0, model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0))
         lengths = torch.tensor([3, 2])  # torch.export specialises sizes 0 and 1: trace with B and T above 1
@@ -90,14 +91,15 @@ def export_classifier_onnx(
         manifest = _manifest(loaded, model, opset, graph, source_quantization, op_counts(layout.onnx))
         write_json_atomic(layout.manifest, manifest)  # OnnxClassifier reads it to open the graph below
 
-        say(f"verifying against PyTorch ({texts['source']}: ragged lengths, batch sizes 1 to 64)")
+        progress.stage(f"verifying against PyTorch ({texts['source']}: ragged lengths, batch sizes 1 to 64)", unit="batches")
         from llmctl.export.verify import verify_classifier_parity
         from llmctl.models.onnx_classifier import OnnxClassifier
 
         start = time.perf_counter()
         onnx_model = OnnxClassifier(tmp)
         parity = verify_classifier_parity(
-            model, onnx_model, texts["ids"][:PARITY_TEXTS], texts["lengths"][:PARITY_TEXTS], atol=atol, rtol=rtol
+            model, onnx_model, texts["ids"][:PARITY_TEXTS], texts["lengths"][:PARITY_TEXTS], atol=atol, rtol=rtol,
+            on_progress=progress.update,
         )
         del onnx_model
         seconds["verify"] = time.perf_counter() - start
@@ -106,7 +108,7 @@ def export_classifier_onnx(
 
         if quantize == "int8":
             start = time.perf_counter()
-            manifest["int8"] = quantize_classifier_int8(tmp, texts, external_data=graph["external_data"], on_progress=say)
+            manifest["int8"] = quantize_classifier_int8(tmp, texts, external_data=graph["external_data"], progress=progress)
             manifest["files"]["int8"] = manifest["int8"]["file"]
             manifest["files"]["int8_data"] = manifest["int8"]["data_file"]
             seconds["int8"] = time.perf_counter() - start
@@ -158,7 +160,7 @@ def _texts_of(loaded: Any, data: Path | None) -> dict[str, Any]:
 
 
 def quantize_classifier_int8(
-    export_dir: Path, texts: dict[str, Any], *, external_data: bool, on_progress: Callable[[str], None] | None = None
+    export_dir: Path, texts: dict[str, Any], *, external_data: bool, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Write `export_dir`/model.int8.onnx from its model.onnx (ONNX Runtime dynamic int8) and return its figures.
 
@@ -175,7 +177,7 @@ def quantize_classifier_int8(
     layout = ExportDir(Path(export_dir))
     work = layout.path / INT8_CANDIDATES
     work.mkdir()
-    say = on_progress or (lambda message: None)
+    progress = silent_if_none(progress)
     config = OnnxClassifier(layout.path).config
     labels = [str(x) for x in config.get("labels") or range(int(config["num_classes"]))]
 
@@ -187,18 +189,18 @@ def quantize_classifier_int8(
         return predicted, {"accuracy": m["accuracy"], "macro_f1": m["macro"]["f1"]}
 
     try:
-        say("int8: preparing the graph (onnxruntime quant_pre_process)")
+        progress.stage("int8: preparing the graph (onnxruntime quant_pre_process)")
         prepared = work / "prepared.onnx"
         quant_pre_process(
             str(layout.onnx), str(prepared), skip_symbolic_shape=True,
             save_as_external_data=external_data, all_tensors_to_one_file=True,
             external_data_location=prepared.name + ".data",
         )
-        say(f"int8: scoring the fp32 graph on {len(texts['lengths']):,} texts")
+        progress.stage(f"int8: scoring the fp32 graph on {len(texts['lengths']):,} texts")
         fp32_predicted, fp32_metrics = score(OnnxClassifier(layout.path))
         candidates: dict[str, dict[str, Any]] = {}
         for scheme in ("per-tensor", "per-channel"):
-            say(f"int8: quantizing ({scheme} weight scales) and scoring")
+            progress.stage(f"int8: quantizing ({scheme} weight scales) and scoring")
             graph = work / scheme / layout.onnx_int8.name
             graph.parent.mkdir()
             quantize_dynamic(

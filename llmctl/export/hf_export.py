@@ -27,6 +27,7 @@ from llmctl.artifacts import replace_dir_atomic, staging_dir, write_atomic, writ
 from llmctl.errors import LlmctlError
 from llmctl.export.onnx_export import ExportReport
 from llmctl.export.verify import ParityRow
+from llmctl.progress import Progress, silent_if_none
 from llmctl.models.hf import (
     O_PROJ_BIAS,
     HFModelDir,
@@ -53,7 +54,7 @@ def export_hf(
     *,
     atol: float = 1e-4,
     eval_tokens: np.ndarray | None = None,
-    on_progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> ExportReport:
     """Write a loaded `gpt` model dir to `out_dir` as a Hugging Face model dir, verified with transformers.
 
@@ -65,7 +66,7 @@ def export_hf(
     """
     out_dir = Path(out_dir)
     _check_request(loaded, out_dir, atol, eval_tokens)
-    say = on_progress or (lambda message: None)
+    progress = silent_if_none(progress)
     model, source_quantization = _float_model(loaded)
     config = model.config.to_dict()
     seconds: dict[str, float] = {}
@@ -79,7 +80,7 @@ def export_hf(
         model_type = hf_architecture(config, loaded.tokenizer)
         hf_config = hf_config_from_gpt(config, model_type, bos_id=token_id(bos) if bos else None,
                                        eos_id=token_id(eos) if eos else None)
-        say(f"writing {hf_config['architectures'][0]}: config.json, model.safetensors, tokenizer files")
+        progress.stage(f"writing {hf_config['architectures'][0]}: config.json, model.safetensors, tokenizer files")
         weight_bytes = _write_weights(model, layout.weights, zero_o_proj_bias=model_type == "llama" and config["attention_bias"])
         write_atomic(layout.config, json.dumps(hf_config, indent=2) + "\n")
         write_atomic(layout.generation_config, json.dumps(
@@ -91,7 +92,7 @@ def export_hf(
         write_atomic(layout.tokenizer_config, json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
         seconds["write"] = time.perf_counter() - start
 
-        say("verifying with transformers (AutoModelForCausalLM logits and greedy decode, AutoTokenizer ids)")
+        progress.stage("verifying with transformers (AutoModelForCausalLM logits and greedy decode, AutoTokenizer ids)")
         start = time.perf_counter()
         verification = verify_hf_dir(tmp, model, loaded.tokenizer, atol=atol, tokens=eval_tokens)
         seconds["verify"] = time.perf_counter() - start

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -32,6 +32,7 @@ from llmctl.artifacts import ExportDir, replace_dir_atomic, staging_dir, write_j
 from llmctl.errors import EXIT_FAILURE, LlmctlError
 from llmctl.models.gpt import GPT, rotary_cos_sin
 from llmctl.models.onnx_model import input_names, output_names
+from llmctl.progress import Progress, silent_if_none
 
 MIN_OPSET = 17
 EXPORTER_MIN_OPSET = 18  # torch 2.13's ONNX exporter has no lower implementations; 17 is reached by rewriting
@@ -101,7 +102,7 @@ def export_onnx(
     quantize: str | None = None,
     eval_tokens: np.ndarray | None = None,
     data: Path | None = None,
-    on_progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> ExportReport:
     """Export a loaded `gpt` model dir to `out_dir` (model.onnx, export.json, ...), verified against PyTorch.
 
@@ -123,17 +124,17 @@ def export_onnx(
 
         return export_classifier_onnx(
             loaded, out_dir, opset=opset, external_data_threshold=external_data_threshold, atol=atol, rtol=rtol,
-            quantize=quantize, data=data, on_progress=on_progress,
+            quantize=quantize, data=data, progress=progress,
         )
     _check_request(loaded, out_dir, opset, quantize, atol, rtol, eval_tokens)
-    say = on_progress or (lambda message: None)
+    progress = silent_if_none(progress)
     model, source_quantization = _fp32_model(loaded)
     seconds: dict[str, float] = {}
 
     tmp = staging_dir(out_dir)
     layout = ExportDir(tmp)
     try:
-        say(f"exporting the graph (torch.onnx.export, dynamo, opset {opset})")
+        progress.stage(f"exporting the graph (torch.onnx.export, dynamo, opset {opset})")
         start = time.perf_counter()
         graph = _export_graph(model, layout.onnx, opset, external_data_threshold)
         seconds["export"] = time.perf_counter() - start
@@ -143,13 +144,13 @@ def export_onnx(
         manifest = _manifest(loaded, model, opset, graph, source_quantization)
         write_json_atomic(layout.manifest, manifest)  # OnnxCausalLM needs it to open the graph below
 
-        say("verifying against PyTorch (left-padded batch, cached decode steps, greedy tokens)")
+        progress.stage("verifying against PyTorch (left-padded batch, cached decode steps, greedy tokens)", unit="steps")
         from llmctl.export.verify import verify_parity
         from llmctl.models.onnx_model import OnnxCausalLM
 
         start = time.perf_counter()
         onnx_model = OnnxCausalLM(tmp)
-        parity = verify_parity(model, onnx_model, atol=atol, rtol=rtol, tokens=eval_tokens)
+        parity = verify_parity(model, onnx_model, atol=atol, rtol=rtol, tokens=eval_tokens, on_progress=progress.update)
         del onnx_model
         seconds["verify"] = time.perf_counter() - start
         reference = "PyTorch fp32" + (", dequantized from the model dir's integer weights" if source_quantization else "")
@@ -160,7 +161,7 @@ def export_onnx(
 
             start = time.perf_counter()
             manifest["int8"] = quantize_int8(
-                tmp, model, external_data=graph["external_data"], eval_tokens=eval_tokens, on_progress=say
+                tmp, model, external_data=graph["external_data"], eval_tokens=eval_tokens, progress=progress
             )
             manifest["files"]["int8"] = manifest["int8"]["file"]
             manifest["files"]["int8_data"] = manifest["int8"]["data_file"]

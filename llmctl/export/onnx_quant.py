@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from llmctl.artifacts import ExportDir
+from llmctl.progress import OnProgress, Progress, silent_if_none
 
 INT8_CANDIDATES = ".int8-candidates"  # under the export dir being written; removed before it is moved into place
 
@@ -24,7 +25,7 @@ def quantize_int8(
     *,
     external_data: bool,
     eval_tokens: np.ndarray | None = None,
-    on_progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write `export_dir`/model.int8.onnx from its model.onnx and return its figures for export.json.
 
@@ -39,9 +40,9 @@ def quantize_int8(
     layout = ExportDir(Path(export_dir))
     work = layout.path / INT8_CANDIDATES
     work.mkdir()
-    say = on_progress or (lambda message: None)
+    progress = silent_if_none(progress)
     try:
-        say("int8: preparing the graph (onnxruntime quant_pre_process)")
+        progress.stage("int8: preparing the graph (onnxruntime quant_pre_process)")
         prepared = work / "prepared.onnx"
         # Symbolic shape inference gives up on this graph's shape arithmetic; ONNX's own shape
         # inference, which still runs, types every MatMul weight, which is all dynamic int8 needs.
@@ -53,8 +54,8 @@ def quantize_int8(
         vocab_size = reference.config.vocab_size
         reference_ppl = None
         if eval_tokens is not None:
-            say(f"int8: perplexity of the fp32 model over {len(eval_tokens)} tokens")
-            reference_ppl = _perplexity(reference, eval_tokens, vocab_size)
+            progress.stage(f"int8: perplexity of the fp32 model over {len(eval_tokens) - 1:,} tokens", unit="tokens")
+            reference_ppl = _perplexity(reference, eval_tokens, vocab_size, progress.update)
         else:
             probe = torch.randint(0, vocab_size, (1, min(64, reference.context_length)),
                                   generator=torch.Generator().manual_seed(0))  # (1, T)
@@ -63,7 +64,7 @@ def quantize_int8(
 
         candidates: dict[str, dict[str, Any]] = {}
         for scheme in ("per-tensor", "per-channel"):
-            say(f"int8: quantizing ({scheme} weight scales)")
+            progress.stage(f"int8: quantizing ({scheme} weight scales)")
             graph = work / scheme / layout.onnx_int8.name
             graph.parent.mkdir()
             quantize_dynamic(
@@ -72,8 +73,8 @@ def quantize_int8(
             )
             model = OnnxCausalLM(layout.path, str(graph.relative_to(layout.path)))
             if reference_ppl is not None:
-                say(f"int8: perplexity ({scheme})")
-                ppl = _perplexity(model, eval_tokens, vocab_size)
+                progress.stage(f"int8: perplexity ({scheme})", unit="tokens")
+                ppl = _perplexity(model, eval_tokens, vocab_size, progress.update)
                 delta = ppl - reference_ppl
                 candidates[scheme] = {"perplexity": ppl, "perplexity_delta": delta, "score": abs(delta)}
             else:
@@ -99,11 +100,12 @@ def quantize_int8(
     return figures
 
 
-def _perplexity(model: Any, tokens: np.ndarray, vocab_size: int) -> float:
+def _perplexity(model: Any, tokens: np.ndarray, vocab_size: int, on_progress: OnProgress) -> float:
     from llmctl.evaluation.perplexity import evaluate_tokens
 
     no_bytes = np.ones(vocab_size, dtype=np.int64)  # bits per byte is not wanted here, only perplexity
-    return evaluate_tokens(model, tokens, no_bytes, source="export int8 check", batch_size=1).perplexity
+    return evaluate_tokens(model, tokens, no_bytes, source="export int8 check", batch_size=1,
+                          on_progress=on_progress).perplexity
 
 
 def keep_int8_candidate(layout: Any, work: Path, chosen: str) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmctl.progress import OnProgress
+
 HINT = (
     "try a newer opset (--opset 18 or above), make sure the model is fp32, "
     "or loosen --atol if a difference this size is acceptable"
@@ -81,6 +83,7 @@ def verify_parity(
     rtol: float | None = None,
     tokens: np.ndarray | None = None,
     decode_steps: int = 4,
+    on_progress: OnProgress | None = None,
 ) -> ParityResult:
     """Run both models on the same left-padded batch and cached steps; fail on a difference above atol (+ rtol·|torch|).
 
@@ -96,6 +99,8 @@ def verify_parity(
     logits_row, keys_row, values_row = _Tally("logits"), _Tally("present.*.key"), _Tally("present.*.value")
     failures: list[str] = []
     greedy: dict[str, Any] = {"compared": 0, "identical": True, "first_difference": None}
+    cases = [("left-padded batch", _batch_feeds(prompts, steps)), ("single token", _single_feeds(prompts[0], steps, context))]
+    total, ran = sum(len(feeds) for _, feeds in cases), 0
 
     def check(tally: _Tally, name: str, where: str, got: torch.Tensor, ref: torch.Tensor) -> None:
         problem = tally.add(name, where, got, ref, atol, rtol)
@@ -117,6 +122,10 @@ def verify_parity(
             except Exception as e:  # onnxruntime's own error types: a graph that cannot take these sizes
                 failures.append(f"ONNX Runtime cannot run {where} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
                 return
+            nonlocal ran
+            ran += 1
+            if on_progress is not None:
+                on_progress(ran, total)
             for i, ((k_t, v_t), (k_o, v_o)) in enumerate(zip(cache_t, cache_o)):
                 check(keys_row, f"present.{i}.key", where, k_o, k_t)
                 check(values_row, f"present.{i}.value", where, v_o, v_t)
@@ -131,8 +140,8 @@ def verify_parity(
                     f"{where}, row {b}: PyTorch picks token {int(picks[b])}, ONNX Runtime {int(picks_o[b])}"
                 )
 
-    run("left-padded batch", _batch_feeds(prompts, steps))
-    run("single token", _single_feeds(prompts[0], steps, context))
+    for case, feeds in cases:
+        run(case, feeds)
 
     failure = None
     if failures:
@@ -212,6 +221,7 @@ def verify_classifier_parity(
     atol: float = 1e-4,
     rtol: float | None = None,
     batch_sizes: tuple[int, ...] = CLASSIFIER_BATCHES,
+    on_progress: OnProgress | None = None,
 ) -> ParityResult:
     """Run both classifiers (`model(ids, lengths) -> logits`) on the same texts; fail on a logit
     difference above atol (+ rtol·|torch|) or on any predicted label that differs.
@@ -251,6 +261,8 @@ def verify_classifier_parity(
         except Exception as e:  # onnxruntime's own error types: a graph that cannot take these sizes
             failures.append(f"ONNX Runtime cannot run {where} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
             continue
+        if on_progress is not None:
+            on_progress(i + 1, len(batches))
         problem = logits_row.add("logits", where, got, ref, atol, rtol)
         if problem:
             failures.append(problem)

@@ -23,6 +23,7 @@ import uvicorn
 
 from llmctl.artifacts import ExportDir, ModelDir, read_json_artifact
 from llmctl.errors import EXIT_BAD_INPUT, EXIT_FAILURE, LlmctlError
+from llmctl.progress import Progress, read_ahead, silent_if_none
 from llmctl.serving.classify import ClassifierSpec
 from llmctl.serving.protocol import MAX_CLASSIFY_TEXTS
 
@@ -143,8 +144,15 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
+def serve(options: ServeOptions, say: Callable[[str], None], progress: Progress | None = None,
+          announce: Callable[[str], None] | None = None) -> int:
     """Serve until SIGTERM or SIGINT; the exit status (0 after a SIGTERM drain, 130 after Ctrl-C).
+
+    `announce` (default `say`) prints the address the server listens on, which a caller that
+    silences `say` still needs (--port 0 picks the port).
+
+    `progress` (entered and closed by the loading thread) hears the startup stages: reading the
+    weights (in bytes), building the model, starting the engine.
 
     Bad input (model dir, port, options) raises LlmctlError before listening. A model that fails to
     load after listening stops the server: 2 for a bad model dir, 1 for anything else.
@@ -172,15 +180,15 @@ def serve(options: ServeOptions, say: Callable[[str], None]) -> int:
     )
     server = _Server(config)
     outcome = {"exit": 0}
-    loader = threading.Thread(target=_load, args=(state, info, options, server, outcome, say), name="llmctl-load",
-                              daemon=True)
+    loader = threading.Thread(target=_load, args=(state, info, options, server, outcome, say, silent_if_none(progress)),
+                              name="llmctl-load", daemon=True)
 
     def on_listening() -> None:
         kind = "" if info.classifier is None else f"a classifier: {', '.join(info.classifier.labels)}; "
         routes = "OpenAI API under /v1" if info.classifier is None else "POST /v1/classify, GET /v1/models"
         say(f"serving {name} ({kind}{state.backend}) from {options.path}")
-        say(f"listening on {_url(sock)}  ({routes}; GET /health, GET /metrics)"
-            + ("; API key required" if options.api_key else ""))
+        (announce or say)(f"listening on {_url(sock)}  ({routes}; GET /health, GET /metrics)"
+                          + ("; API key required" if options.api_key else ""))
         if not options.api_key and not _is_loopback(sock):
             say(f"warning: listening beyond this machine ({options.host}) without --api-key; anyone who reaches "
                 "the port can use the model")
@@ -218,37 +226,15 @@ def _backend_label(info: ModelInfo, dtype: str) -> str:
     return f"torch-{info.quantization}" if info.quantization else f"torch {dtype}"
 
 
-def _load(state: Any, info: ModelInfo, options: ServeOptions, server: "_Server", outcome: dict, say: Callable) -> None:
+def _load(state: Any, info: ModelInfo, options: ServeOptions, server: "_Server", outcome: dict, say: Callable,
+          progress: Progress) -> None:
     """The startup thread: load the weights, start the engine, mark the server ready (or stop it)."""
     try:
         t0 = time.perf_counter()
-        say(f"loading {info.path} ...")
-        from llmctl.models.loading import load_for_inference
-
-        loaded = load_for_inference(info.path)
-        model = loaded.model
-        if options.dtype == "bf16":
-            import torch
-
-            model = model.to(torch.bfloat16)
-        if (getattr(model, "task", None) == "classification") != (info.classifier is not None):
-            kind = "a classifier" if info.classifier is not None else "a language model"
-            raise LlmctlError(f"{info.config_path} describes {kind} but the model loaded from {info.path} is not one; "
-                              "the dir is damaged: write it again.")
-        if state.status == "stopping":
+        with progress:
+            engine, detail = _start(state, info, options, progress)
+        if engine is None:
             return
-        if info.classifier is not None:
-            engine = _start_classifier(state, model, options)
-            detail = (f"labels {', '.join(info.classifier.labels)}, texts cut to {info.context_length} tokens, up to "
-                      f"{MAX_CLASSIFY_TEXTS} texts per forward, queue {options.max_queue} requests")
-        else:
-            from llmctl.serving.engine import Engine
-
-            engine = Engine(model, context_length=info.context_length, max_batch_size=options.max_batch_size,
-                            max_queue=options.max_queue, on_step=state.metrics.on_step)
-            engine.start()
-            detail = (f"context {info.context_length} tokens, max_tokens up to {state.max_tokens_limit}, batch "
-                      f"{options.max_batch_size}, queue {options.max_queue}")
         state.metrics.bind_engine(engine)
         state.engine = engine
         state.status = "ready"
@@ -258,6 +244,50 @@ def _load(state: Any, info: ModelInfo, options: ServeOptions, server: "_Server",
     except Exception as e:  # a bug or an environment problem: keep the traceback for the report
         traceback.print_exc()
         _fail(state, server, outcome, f"{type(e).__name__}: {e}", EXIT_FAILURE, say)
+
+
+def _start(state: Any, info: ModelInfo, options: ServeOptions, progress: Progress) -> tuple[Any, str]:
+    """Load the model and start its engine (None if the server began stopping meanwhile), and what to say of it."""
+    from llmctl.models.loading import load_for_inference
+
+    files = _weight_files(info)
+    progress.stage(f"reading the weights of {info.path}", unit="bytes")
+    read_ahead(files, progress.update)
+    progress.stage("loading the model")
+    loaded = load_for_inference(info.path)
+    model = loaded.model
+    if options.dtype == "bf16":
+        import torch
+
+        model = model.to(torch.bfloat16)
+    if (getattr(model, "task", None) == "classification") != (info.classifier is not None):
+        kind = "a classifier" if info.classifier is not None else "a language model"
+        raise LlmctlError(f"{info.config_path} describes {kind} but the model loaded from {info.path} is not one; "
+                          "the dir is damaged: write it again.")
+    if state.status == "stopping":
+        return None, ""
+    progress.stage("starting the engine")
+    if info.classifier is not None:
+        engine = _start_classifier(state, model, options)
+        detail = (f"labels {', '.join(info.classifier.labels)}, texts cut to {info.context_length} tokens, up to "
+                  f"{MAX_CLASSIFY_TEXTS} texts per forward, queue {options.max_queue} requests")
+    else:
+        from llmctl.serving.engine import Engine
+
+        engine = Engine(model, context_length=info.context_length, max_batch_size=options.max_batch_size,
+                        max_queue=options.max_queue, on_step=state.metrics.on_step)
+        engine.start()
+        detail = (f"context {info.context_length} tokens, max_tokens up to {state.max_tokens_limit}, batch "
+                  f"{options.max_batch_size}, queue {options.max_queue}")
+    return engine, detail
+
+
+def _weight_files(info: ModelInfo) -> list[Path]:
+    """The files loading reads its weights from: an export dir's model.onnx (+ data), else *.safetensors."""
+    if info.backend == "onnxruntime":
+        graph = ExportDir(info.path).onnx
+        return [f for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file()]
+    return sorted(Path(info.path).glob("*.safetensors"))
 
 
 def _start_classifier(state: Any, model: Any, options: ServeOptions) -> Any:

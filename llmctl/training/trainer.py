@@ -327,9 +327,10 @@ def train(
         start_step = saved["step"]
         state.update({k: saved[k] for k in state if k in saved})
         metrics.truncate_after(start_step)
+    tracker_dir = rd.path / (recipe.run.name or rd.path.name)  # where Accelerate's trackers write (TensorBoard events)
     if main:
         if overwrite and rd.path.exists():
-            for child in (rd.checkpoints, rd.model.path):
+            for child in (rd.checkpoints, rd.model.path, tracker_dir):
                 shutil.rmtree(child, ignore_errors=True)
         if not resume_from:
             rd.metrics.unlink(missing_ok=True)
@@ -339,7 +340,9 @@ def train(
     if cfg.log_with:  # trackers write on the main process only (Accelerate's on_main_process)
         from llmctl.training.trackers import flat_config, tracker_row
 
-        accelerator.init_trackers(recipe.run.name or rd.path.name, config=flat_config(recipe.model_dump(mode="json")))
+        # On resume TensorBoard drops the events logged after the checkpoint, as metrics.jsonl is cut back.
+        purge = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}
+        accelerator.init_trackers(tracker_dir.name, config=flat_config(recipe.model_dump(mode="json")), init_kwargs=purge)
     last_checkpoint = start_step or None
 
     evaluate_on_val = task.make_evaluator(micro, rank, world)

@@ -57,6 +57,14 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def train_tiny(root: Path, max_steps: int = 10) -> Path:
+    """`root` with the tiny corpus, tiny.yaml and a model trained on them at runs/tiny/model; returns `root`."""
+    write_corpus(root / "corpus")
+    (root / "tiny.yaml").write_text(TINY_RECIPE.format(max_steps=max_steps), encoding="utf-8")
+    run_cli(root, "train", "tiny.yaml")
+    return root
+
+
 def _run(cwd: Path, env: dict[str, str], args: tuple[str, ...], check: bool, timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **env}
     proc = subprocess.run(

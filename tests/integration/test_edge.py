@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import assert_clean_failure, run_cli
+from tests.integration.conftest import assert_clean_failure, run_cli, run_cli_with, train_tiny
 
 
-@pytest.fixture
-def trained(workdir: Path) -> Path:
-    run_cli(workdir, "train", "tiny.yaml")
-    return workdir
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny trained model for the whole module: each test writes under its own out/ name."""
+    return train_tiny(tmp_path_factory.mktemp("edge"))
 
 
 def _staging_left(folder: Path) -> list[str]:
@@ -58,8 +63,14 @@ def test_structured_pruning_with_recovery_writes_a_smaller_model_that_exports(tr
 
 
 def test_export_verifies_quantizes_and_eval_compares_backends(trained: Path) -> None:
-    export = json.loads(run_cli(trained, "export", "runs/tiny/model", "-o", "out/onnx", "--quantize", "int8", "--json").stdout)
+    proc = run_cli_with(trained, {"LLMCTL_PROGRESS_EVERY_S": "0"}, "export", "runs/tiny/model", "-o", "out/onnx",
+                        "--quantize", "int8", "--json")
+    export = json.loads(proc.stdout)
     assert export["passed"] is True
+    # No terminal: one line per stage, then plain counted lines with an ETA; no bar, no escape codes.
+    assert re.search(r"verifying against PyTorch .*\n(\s+\d+\.\ds   \d+/\d+ steps \(\d+%\), eta \d+s\n)+", proc.stderr)
+    assert re.search(r"int8: perplexity \(per-channel\)\n(.*\n)*.*/[\d,]+ tokens \(100%\), eta 0s", proc.stderr)
+    assert "\x1b[" not in proc.stderr and "━" not in proc.stderr
     assert {r["output"] for r in export["rows"]} >= {"logits"}
     assert (trained / "out/onnx/model.onnx").is_file() and (trained / "out/onnx/model.int8.onnx").is_file()
     manifest = json.loads((trained / "out/onnx/export.json").read_text())
@@ -89,7 +100,7 @@ def test_export_beyond_the_tolerance_exits_3_and_keeps_the_files(trained: Path) 
 
 
 def test_bad_compress_and_export_input_exits_2_and_writes_nothing(trained: Path) -> None:
-    (trained / "out").mkdir()
+    (trained / "out").mkdir(exist_ok=True)
     (trained / "out/file").write_text("keep me")
     cases = [
         (("compress", "corpus", "--prune", "0.3", "-o", "out/x"), "corpus", "not a model dir"),
@@ -106,3 +117,36 @@ def test_bad_compress_and_export_input_exits_2_and_writes_nothing(trained: Path)
     assert not (trained / "out/x").exists()
     assert (trained / "out/file").read_text() == "keep me"
     assert _staging_left(trained / "out") == []
+
+
+def _run_in_terminal(cwd: Path, *args: str) -> tuple[int, str]:
+    """Run the CLI with stdout and stderr on a pseudo-terminal, as in a person's shell; (exit status, output)."""
+    parent, child = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "NO_COLOR", "LLMCTL_QUIET")}
+    proc = subprocess.Popen([sys.executable, "-m", "llmctl", *args], cwd=cwd, env={**env, "COLUMNS": "160"},
+                            stdin=subprocess.DEVNULL, stdout=child, stderr=child)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(parent, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(parent)
+    return proc.wait(timeout=240), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_on_a_terminal_each_stage_draws_a_bar_with_an_eta(trained: Path) -> None:
+    code, out = _run_in_terminal(trained, "compress", "runs/tiny/model", "--quantize", "int8", "-o", "out/t", "--no-speed")
+    assert code == 0, out
+    assert "\x1b[" in out  # rich redraws the bars in place
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out)
+    final = [line.split("\r")[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    quantized = [line for line in final if "quantizing to int8" in line and "tensors (100%)" in line]
+    scored = [line for line in final if "perplexity of out/t on" in line and "tokens (100%)" in line]
+    assert quantized and scored, text[-3000:]
+    assert all("eta" in line and "━" in line for line in quantized + scored)
+    assert "compression (same machine, same run)" in text

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import TINY_RECIPE, assert_clean_failure, metrics, run_cli, write_corpus
+from tests.integration.conftest import assert_clean_failure, metrics, run_cli, train_tiny
 
 WORDS = "def return class import self if else for while in not and or None True False print value key data".split()
 
@@ -65,11 +65,7 @@ def write_instructions(folder: Path, n: int = 48, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny llmctl base model dir (trained 10 steps on code-like text) that carries a chat template."""
-    root = tmp_path_factory.mktemp("base")
-    write_corpus(root / "corpus")
-    (root / "tiny.yaml").write_text(TINY_RECIPE.format(max_steps=10), encoding="utf-8")
-    run_cli(root, "train", "tiny.yaml")
-    model = root / "runs/tiny/model"
+    model = train_tiny(tmp_path_factory.mktemp("base")) / "runs/tiny/model"
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "chat_template": BASE_TEMPLATE}))
     return model

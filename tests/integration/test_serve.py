@@ -194,7 +194,7 @@ def test_health_answers_503_while_loading_then_200_and_the_server_says_what_it_s
     assert httpx.get(f"{server.url}/health").json()["status"] == "ready"
     log = server.log()
     assert f"listening on http://127.0.0.1:{server.port}" in log and "serving tiny (torch fp32)" in log
-    assert "loading runs/tiny/model" in log and "ready in" in log
+    assert "reading the weights of runs/tiny/model" in log and "loading the model" in log and "ready in" in log
 
 
 def test_completions_continue_the_prompt_greedily_with_usage(server: Server) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,12 @@ from tests.integration.conftest import assert_clean_failure, metrics, run_cli
 
 
 def _scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars TensorBoard shows for a run dir: its event files read in order, purges applied."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     found: dict[str, list[tuple[int, float]]] = {}
-    for events in event_dir.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    for folder in sorted({events.parent for events in event_dir.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             found.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
@@ -37,6 +39,22 @@ def test_tensorboard_gets_the_metrics_rows(workdir: Path) -> None:
         assert [s for s, _ in got] == [s for s, _ in expected], key
         assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6), key
     assert "- tensorboard" in (run / "recipe.yaml").read_text()
+
+
+def test_resume_and_overwrite_keep_tensorboard_in_step_with_metrics(workdir: Path) -> None:
+    pytest.importorskip("tensorboard")
+    args = ("train", "tiny.yaml", "train.max_steps=6", "train.checkpoint_every=3", "train.log_every=1",
+            "model.n_layer=1", "train.log_with=[tensorboard]")
+    run_cli(workdir, *args)
+    run = workdir / "runs/tiny"
+    shutil.rmtree(run / "checkpoints/step-6")  # as if killed after logging step 6, before its checkpoint
+    run_cli(workdir, *args, "--resume")
+    steps = [r["step"] for r in metrics(run) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert sorted(s for s, _ in _scalars(run / "tiny")["loss"]) == steps  # steps 4-6 once: the first run's purged
+
+    run_cli(workdir, *args[:2], "train.max_steps=2", *args[3:], "--overwrite")
+    assert sorted(s for s, _ in _scalars(run / "tiny")["loss"]) == [1, 2]  # nothing of the run it replaced
 
 
 def test_no_tracker_writes_no_tracker_files(workdir: Path) -> None:

@@ -203,10 +203,11 @@ def test_a_file_read_in_pieces_gives_the_tokens_of_the_whole(tmp_path, monkeypat
     assert int((pieces == 0).sum()) == 1  # no end-of-text between the pieces of one file
 
 
-def test_progress_reports_both_stages_up_to_the_corpus_size(tmp_path):
+def test_progress_reports_every_stage_up_to_the_corpus_size(tmp_path):
     seen = []
     meta = prepare_dataset(small_data(), tmp_path / "ds", seed=0, on_progress=lambda *a: seen.append(a)).meta
-    assert {s for s, _, _ in seen} == {"tokenizer", "encode"}
+    stages = [s for s, _, _ in seen]
+    assert sorted(set(stages), key=stages.index) == ["tokenizer", "merges", "encode"]  # reading, merging, encoding
     encode = [(d, t) for s, d, t in seen if s == "encode"]
     assert encode[-1] == (meta["sources"]["text_bytes"],) * 2
 
