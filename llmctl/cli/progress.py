@@ -71,6 +71,7 @@ class WorkProgress(Progress):
         self._stopped = threading.Event()
 
     def __enter__(self) -> "WorkProgress":
+        self._t0 = self._clock()  # stage lines count from here: where the work begins
         if not interactive():
             self._heartbeat = threading.Thread(target=self._beat, name="llmctl-progress", daemon=True)
             self._heartbeat.start()

@@ -132,7 +132,7 @@ def profile_models(
     profiles = []
     for m, n, t in zip(loaded, names, timings):
         if tokens is not None:
-            progress.stage(f"perplexity of {n} on {len(tokens) - 1:,} val tokens", unit="tokens")
+            progress.stage(f"perplexity of {n} ({backend_name(m)}) on {len(tokens) - 1:,} tokens", unit="tokens")
         profiles.append(profile_model(m, tokens, byte_lengths, name=n, timing=t, on_progress=progress.update))
     return profiles
 

@@ -146,7 +146,7 @@ def test_on_a_terminal_each_stage_draws_a_bar_with_an_eta(trained: Path) -> None
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out)
     final = [line.split("\r")[-1] for line in text.replace("\r\n", "\n").split("\n")]
     quantized = [line for line in final if "quantizing to int8" in line and "tensors (100%)" in line]
-    scored = [line for line in final if "perplexity of out/t on" in line and "tokens (100%)" in line]
+    scored = [line for line in final if "perplexity of out/t (torch-int8) on" in line and "tokens (100%)" in line]
     assert quantized and scored, text[-3000:]
     assert all("eta" in line and "━" in line for line in quantized + scored)
     assert "compression (same machine, same run)" in text
