@@ -73,7 +73,7 @@ def tune_cli(
                 "threads": slots[0]["threads"],
             }
             sdir.spec.write_text(json.dumps(spec, indent=2), encoding="utf-8")
-            interrupted = _run_workers(sdir, slots, study)
+            interrupted = _run_workers(sdir, slots, study, resolved.tune.trials)
         else:
             interrupted = False
             say(f"study {resolved.name}: all {resolved.tune.trials} trials are done (raise --trials to run more)")
@@ -104,7 +104,7 @@ def _slots(jobs: int) -> list[dict[str, Any]]:
     return [{"gpu": None, "threads": max(1, usable_cpus() // jobs)} for _ in range(jobs)]
 
 
-def _run_workers(sdir, slots: list[dict[str, Any]], study: Any) -> bool:
+def _run_workers(sdir, slots: list[dict[str, Any]], study: Any, trials: int) -> bool:
     """Start the workers, draw the live table until they end; True if interrupted (Ctrl-C)."""
     workers = []
     for slot, assign in enumerate(slots):
@@ -112,7 +112,7 @@ def _run_workers(sdir, slots: list[dict[str, Any]], study: Any) -> bool:
         if assign["gpu"] is not None:
             env["CUDA_VISIBLE_DEVICES"] = assign["gpu"]
         workers.append(subprocess.Popen([sys.executable, "-m", "llmctl.tuning.worker", str(sdir.spec), str(slot)], env=env))
-    table = _LiveTrials(study)
+    table = _LiveTrials(study, trials)
     try:
         while any(w.poll() is None for w in workers):
             table.refresh()
@@ -135,10 +135,16 @@ def _run_workers(sdir, slots: list[dict[str, Any]], study: Any) -> bool:
 
 
 class _LiveTrials:
-    """The trials table, live on a terminal; one line per finished trial otherwise."""
+    """The trials table, live on a terminal; one line per finished trial otherwise; both with the ETA of the
+    study at the pace of the trials finished in this run."""
 
-    def __init__(self, study: Any):
+    def __init__(self, study: Any, trials: int):
+        from llmctl.tuning.study import count_finished
+
         self.study = study
+        self.trials = trials
+        self.finished_before = count_finished(study)
+        self.started = time.monotonic()
         self.reported: set[int] = set()
         self.live = None
         if interactive():
@@ -152,12 +158,22 @@ class _LiveTrials:
 
         rows = trial_rows(self.study)
         if self.live is not None:
-            self.live.update(trials_table(rows))
+            table = trials_table(rows)
+            table.caption = self._where(sum(r["state"] not in ("running", "waiting") for r in rows))
+            self.live.update(table)
             return
         for r in rows:
             if r["state"] not in ("running", "waiting") and r["number"] not in self.reported:
                 self.reported.add(r["number"])
-                err_console.print(_trial_line(r))
+                err_console.print(f"{_trial_line(r)}  [dim]({self._where(len(self.reported))})[/]")
+
+    def _where(self, finished: int) -> str:
+        """'4/10 trials, eta 1m20s': the ETA at the pace of the trials finished since this run began."""
+        from llmctl.cli.progress import eta_of
+
+        done = finished - self.finished_before
+        eta = eta_of(done, self.trials - self.finished_before, time.monotonic() - self.started)
+        return f"{finished}/{self.trials} trials, eta {eta}"
 
     def close(self) -> None:
         if self.live is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -48,6 +49,9 @@ def test_a_tiny_study_prunes_fails_divergence_and_finds_the_good_region(tune_dir
     out = run_cli(tune_dir, "tune", "tune.yaml", "--json", timeout=600)
     summary = json.loads(out.stdout)
     study = _study(tune_dir)
+    # Without a terminal one line per finished trial, with the study's count and ETA.
+    progress = re.findall(r"\((\d+)/10 trials, eta (\d+m)?\d+s\)", out.stderr)
+    assert [int(n) for n, _ in progress] == list(range(1, 11)), out.stderr
     trials = study.get_trials()
     assert len(trials) == 10 and summary["trials"]["complete"] >= 2
 
