@@ -45,6 +45,8 @@ def _summary(meta: dict) -> dict:
         "val_tokens": splits.get("val", {}).get("tokens"),
         "files": meta.get("sources", {}).get("files"),
         "bytes": meta.get("sources", {}).get("bytes"),
+        "text_bytes": meta.get("sources", {}).get("text_bytes"),
+        "max_bytes": (meta.get("data") or {}).get("max_bytes"),
         "unigram_perplexity": meta.get("unigram", {}).get("perplexity"),
     }
 
@@ -102,8 +104,9 @@ def run_prepare(resolved, *, force: bool = False):
     elif s.get("task") == "classification":
         _say_classification(out_dir, s)
     else:
+        read = f" ({s['text_bytes'] / 1e6:.1f} MB read: data.max_bytes)" if s.get("max_bytes") and s.get("text_bytes") else ""
         say(
-            f"{out_dir}: {s['files']} files, {s['bytes'] / 1e6:.1f} MB -> {s['train_tokens']:,} train / "
+            f"{out_dir}: {s['files']} files, {s['bytes'] / 1e6:.1f} MB{read} -> {s['train_tokens']:,} train / "
             f"{s['val_tokens']:,} val tokens, vocab {s['vocab_size']}, unigram val perplexity "
             f"{s['unigram_perplexity']:.1f}"
         )

@@ -152,7 +152,7 @@ def serve(options: ServeOptions, say: Callable[[str], None], progress: Progress 
     silences `say` still needs (--port 0 picks the port).
 
     `progress` (entered and closed by the loading thread) hears the startup stages: reading the
-    weights (in bytes), building the model, starting the engine.
+    weights (in bytes), loading the model, starting the engine.
 
     Bad input (model dir, port, options) raises LlmctlError before listening. A model that fails to
     load after listening stops the server: 2 for a bad model dir, 1 for anything else.

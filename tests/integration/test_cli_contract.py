@@ -116,6 +116,10 @@ def test_prepare_json_with_plain_progress_then_quiet(lm: dict) -> None:
     assert "3 files" in lm["prepare"].stderr  # the summary is for people, on stderr
     again = llmctl(lm["root"], "-q", "prepare", "tiny.yaml", "--force", "--json")
     assert json_success(again, quiet=True)["skipped"] is False
+    cut = llmctl(lm["root"], "prepare", "tiny.yaml", "data.max_bytes=5000", "data.dir=data/cut", "--json")
+    out = json_success(cut, quiet=False)
+    assert out["text_bytes"] == 5000 and out["bytes"] > 5000  # the summary tells the two apart
+    assert "MB read: data.max_bytes) -> " in cut.stderr
 
 
 def test_train_quiet_json(lm: dict) -> None:
