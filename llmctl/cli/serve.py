@@ -28,7 +28,9 @@ def serve_cli(
         None, "--api-key", envvar="LLMCTL_API_KEY", show_envvar=True,
         help="Require 'Authorization: Bearer KEY' on /v1/* (else 401); the env var keeps it out of `ps`.",
     ),
-    max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="Sequences decoded together (a language model)."),
+    max_batch_size: Optional[int] = typer.Option(
+        None, "--max-batch-size", min=1, help="Sequences decoded together (a language model; default 16)."
+    ),
     max_queue: int = typer.Option(
         64, "--max-queue", min=1,
         help="Sequences (a classifier: requests) waiting for the model; beyond it requests get 503 + Retry-After.",

@@ -28,6 +28,7 @@ from llmctl.serving.classify import ClassifierSpec
 from llmctl.serving.protocol import MAX_CLASSIFY_TEXTS
 
 DTYPES = ("fp32", "bf16")
+DEFAULT_BATCH = 16  # sequences a language model decodes together unless --max-batch-size says otherwise
 
 
 @dataclass
@@ -38,7 +39,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_batch_size: int = 16  # sequences decoded together (a language model)
+    max_batch_size: int | None = None  # sequences decoded together (a language model; None: 16)
     max_queue: int = 64  # sequences (a classifier: requests) waiting for the model before 503
     max_tokens_limit: int | None = None  # largest max_tokens a request may ask for; default: the context length
     dtype: str = "fp32"
@@ -162,6 +163,7 @@ def serve(options: ServeOptions, say: Callable[[str], None], progress: Progress 
     from llmctl.serving.metrics import ServerMetrics
 
     info = inspect_model(options.path, options.dtype)
+    _refuse_language_model_options(options, info)
     limit = options.max_tokens_limit or info.context_length
     if limit < 1:
         raise LlmctlError(f"--max-tokens-limit {limit}: must be at least 1.")
@@ -212,6 +214,19 @@ def serve(options: ServeOptions, say: Callable[[str], None], progress: Progress 
         return outcome["exit"]
     say("stopped")
     return 130 if signal.SIGINT in server.signals else 0
+
+
+def _refuse_language_model_options(options: ServeOptions, info: ModelInfo) -> None:
+    """A classifier has no decode batch and no max_tokens: refuse those flags rather than ignore them."""
+    if info.classifier is None:
+        return
+    given = [flag for flag, value in (("--max-batch-size", options.max_batch_size),
+                                      ("--max-tokens-limit", options.max_tokens_limit)) if value is not None]
+    if given:
+        raise LlmctlError(
+            f"{', '.join(given)}: for language models; {options.path} is a classifier, which reads up to "
+            f"{MAX_CLASSIFY_TEXTS} texts per forward (--max-queue bounds the requests waiting)."
+        )
 
 
 def _is_loopback(sock: socket.socket) -> bool:
@@ -274,11 +289,12 @@ def _start(state: Any, info: ModelInfo, options: ServeOptions, progress: Progres
     else:
         from llmctl.serving.engine import Engine
 
-        engine = Engine(model, context_length=info.context_length, max_batch_size=options.max_batch_size,
-                        max_queue=options.max_queue, on_step=state.metrics.on_step)
+        engine = Engine(model, context_length=info.context_length,
+                        max_batch_size=options.max_batch_size or DEFAULT_BATCH, max_queue=options.max_queue,
+                        on_step=state.metrics.on_step)
         engine.start()
         detail = (f"context {info.context_length} tokens, max_tokens up to {state.max_tokens_limit}, batch "
-                  f"{options.max_batch_size}, queue {options.max_queue}")
+                  f"{options.max_batch_size or DEFAULT_BATCH}, queue {options.max_queue}")
     return engine, detail
 
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.integration.conftest import run_cli
+from tests.integration.conftest import assert_clean_failure, run_cli
 from tests.integration.test_serve import Server, assert_error, metric
 
 # (text, the label the data set's rule gives it)
@@ -121,6 +121,13 @@ def test_the_model_kind_is_read_from_config_json_without_importing_torch(workdir
             "print(info.classifier.labels, info.context_length, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "('negative', 'positive') 32 False"
+
+
+def test_language_model_flags_on_a_classifier_exit_2_before_listening(workdir: Path) -> None:
+    for flags in (["--max-batch-size", "4"], ["--max-tokens-limit", "8", "--max-batch-size", "16"]):
+        proc = run_cli(workdir, "serve", "runs/sentiment-rnn/model", "--port", "0", *flags, check=False, timeout=60)
+        assert_clean_failure(proc, 2, "for language models", "is a classifier", flags[0])
+        assert "listening" not in proc.stderr
 
 
 def test_an_api_key_guards_classify_and_sigterm_exits_0(workdir: Path) -> None:
