@@ -201,7 +201,7 @@ def run_classifier_compare(paths: list[Path], data: Path | None) -> dict:
     from llmctl.compression.classifier_pipeline import profile_classifiers, val_inputs_of
     from llmctl.models.loading import load_for_inference
 
-    loaded = [load_for_inference(path) for path in paths]
+    loaded = [load_for_inference(path, spin_threads=False) for path in paths]  # timings side by side
     for path in paths:
         _warn_if_unverified(path)
     inputs, why = val_inputs_of(loaded[0], data, None)
@@ -285,7 +285,7 @@ def run_compare(paths: list[Path], data: Path | None, text: list[Path], split: s
             targets.append((path, None))
     loaded, names, tokens, byte_lengths, source = [], [], None, None, None
     for path, graph in targets:
-        model = load_for_inference(path, onnx_file=graph)
+        model = load_for_inference(path, onnx_file=graph, spin_threads=False)  # timings side by side
         if tokens is None:
             tokens, source, _ = _eval_tokens(model, data, text, split)
             tokens = tokens[: max_tokens + 1]

@@ -45,8 +45,9 @@ def backend_of(path: Path) -> str:
     )
 
 
-def load_for_inference(path: str | Path, *, onnx_file: str | None = None) -> LoadedModel:
-    """Load a model dir with torch, or an export dir with ONNX Runtime (CPU), as one LoadedModel."""
+def load_for_inference(path: str | Path, *, onnx_file: str | None = None, spin_threads: bool = True) -> LoadedModel:
+    """Load a model dir with torch, or an export dir with ONNX Runtime (CPU), as one LoadedModel
+    (`spin_threads`: see `llmctl.models.onnx_model.session_options`)."""
     path = Path(path)
     backend = backend_of(path)
     if backend == "hf":
@@ -56,7 +57,7 @@ def load_for_inference(path: str | Path, *, onnx_file: str | None = None) -> Loa
     if backend == "onnxruntime":
         from llmctl.models.onnx_model import load_export_dir
 
-        return load_export_dir(path, file=onnx_file or "model.onnx")
+        return load_export_dir(path, file=onnx_file or "model.onnx", spin_threads=spin_threads)
     if onnx_file:
         raise LlmctlError(f"{path}: a model dir has no ONNX graph; {onnx_file} applies to export dirs.")
     from llmctl.models.model_dir import load_model_dir

@@ -31,10 +31,11 @@ class OnnxClassifier:
 
     task = TASK
 
-    def __init__(self, export_dir: Path, file: str = "model.onnx", providers: list[str] | None = None):
+    def __init__(self, export_dir: Path, file: str = "model.onnx", providers: list[str] | None = None,
+                 spin_threads: bool = True):
         import onnxruntime as ort
 
-        from llmctl.models.onnx_model import check_export_dir
+        from llmctl.models.onnx_model import check_export_dir, session_options
 
         layout = check_export_dir(export_dir, file)
         manifest = read_json_artifact(layout.manifest, "export dir")
@@ -46,8 +47,7 @@ class OnnxClassifier:
         self.graph_path = layout.path / file
         self.device = torch.device("cpu")
         self._parameters = int(manifest.get("parameters") or 0)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = session_options(spin_threads)
         try:
             self.session = ort.InferenceSession(str(self.graph_path), options, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs

@@ -54,7 +54,8 @@ class OnnxCausalLM:
     model would (empty past, every key real, positions counting on from the past).
     """
 
-    def __init__(self, export_dir: Path, file: str = "model.onnx", providers: list[str] | None = None):
+    def __init__(self, export_dir: Path, file: str = "model.onnx", providers: list[str] | None = None,
+                 spin_threads: bool = True):
         import onnxruntime as ort
 
         layout = check_export_dir(export_dir, file)
@@ -65,11 +66,10 @@ class OnnxCausalLM:
         self.device = torch.device("cpu")
         self._parameters = int(manifest.get("parameters") or 0)
 
-        options = ort.SessionOptions()
-        # ORT's default, spelled out. On a 124M model (2 cores) BASIC, EXTENDED, ALL, a saved
+        # ORT's default optimization level. On a 124M model (2 cores) BASIC, EXTENDED, ALL, a saved
         # pre-optimized graph, onnxruntime.transformers fusions and intra_op_num_threads=2 all ran
         # within noise of each other (one run: prefill 90-94 ms, decode 10.6-11.3 ms), so the plain graph ships.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = session_options(spin_threads)
         try:
             self.session = ort.InferenceSession(
                 str(self.graph_path), options, providers=providers or ["CPUExecutionProvider"]
@@ -138,11 +138,25 @@ def _float32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
 
 
-def load_export_dir(path: str | Path, file: str = "model.onnx") -> LoadedModel:
+def session_options(spin_threads: bool = True) -> Any:
+    """ONNX Runtime session options. `spin_threads=False` stops its worker threads busy-waiting after a
+    run: a torch model timed next in the same process ran 2.6 -> 7 ms on 2 cores while they spun
+    (tiny-gpt, forward at 1 x 128), so comparisons turn it off; serving keeps ORT's default."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin_threads:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+def load_export_dir(path: str | Path, file: str = "model.onnx", spin_threads: bool = True) -> LoadedModel:
     """Open an export dir for inference: the graph `file` in ONNX Runtime, its tokenizer, config and provenance.
 
     A classifier's export dir (export.json "task": "classification") gives an `OnnxClassifier`,
-    any other an `OnnxCausalLM`.
+    any other an `OnnxCausalLM`; `spin_threads` as in `session_options`.
     """
     from tokenizers import Tokenizer
 
@@ -151,9 +165,9 @@ def load_export_dir(path: str | Path, file: str = "model.onnx") -> LoadedModel:
     if manifest.get("task") == "classification":
         from llmctl.models.onnx_classifier import OnnxClassifier
 
-        model: Any = OnnxClassifier(layout.path, file)
+        model: Any = OnnxClassifier(layout.path, file, spin_threads=spin_threads)
     else:
-        model = OnnxCausalLM(layout.path, file)
+        model = OnnxCausalLM(layout.path, file, spin_threads=spin_threads)
     try:
         tokenizer = Tokenizer.from_file(str(layout.tokenizer))
     except Exception as e:  # tokenizers raises a bare Exception on a missing or bad file

@@ -272,3 +272,13 @@ def test_load_export_dir_refuses_a_model_dir_and_a_missing_graph(exported, tmp_p
         load_export_dir(tmp_path / "nowhere")
     with pytest.raises(LlmctlError, match="no model.int4.onnx"):
         load_export_dir(out, file="model.int4.onnx")
+
+
+def test_comparisons_open_onnx_runtime_without_busy_waiting_threads() -> None:
+    from llmctl.models.onnx_model import session_options
+
+    quiet = session_options(spin_threads=False)
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert quiet.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: ORT's default, spinning
+        session_options().get_session_config_entry("session.intra_op.allow_spinning")
