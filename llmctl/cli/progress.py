@@ -73,8 +73,7 @@ class WorkProgress(Progress):
     def __enter__(self) -> "WorkProgress":
         self._t0 = self._clock()  # stage lines count from here: where the work begins
         if not interactive():
-            self._heartbeat = threading.Thread(target=self._beat, name="llmctl-progress", daemon=True)
-            self._heartbeat.start()
+            threading.Thread(target=self._beat, name="llmctl-progress", daemon=True).start()
             return self
         from rich.progress import BarColumn, Progress as Bars, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

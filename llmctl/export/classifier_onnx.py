@@ -16,7 +16,6 @@ float), judged by val accuracy and macro-F1 against the fp32 graph rather than b
 from __future__ import annotations
 
 import collections
-import copy
 import shutil
 import time
 from pathlib import Path
@@ -32,9 +31,10 @@ from llmctl.export.onnx_export import (
     ExportReport,
     check_common_request,
     export_report,
+    fp32_model,
     trace_to_onnx,
 )
-from llmctl.export.onnx_quant import keep_int8_candidate
+from llmctl.export.onnx_quant import int8_candidate, keep_int8_candidate, prepare_for_int8
 from llmctl.models.onnx_classifier import INPUTS, OUTPUT
 from llmctl.progress import Progress, silent_if_none
 
@@ -67,7 +67,7 @@ def export_classifier_onnx(
     quantize = None if quantize in (None, "none") else quantize
     check_common_request(out_dir, opset, quantize, atol, rtol)
     progress = silent_if_none(progress)
-    model, source_quantization = _fp32_classifier(loaded)
+    model, source_quantization = fp32_model(loaded)
     texts = _texts_of(loaded, data)
     seconds: dict[str, float] = {}
 
@@ -123,22 +123,6 @@ def export_classifier_onnx(
                          ("task", "labels", "opset", "parameters", "weight_bytes", "seconds", "int8"))
 
 
-def _fp32_classifier(loaded: Any) -> tuple[Any, dict[str, Any] | None]:
-    """The fp32 CPU classifier to trace, and the quantization it was dequantized from (None: it was float).
-
-    ONNX Runtime's int8 is its own (--quantize int8), so an int8 model dir is exported as the float
-    model its integer weights stand for, rounding kept.
-    """
-    model, quantization = loaded.model, loaded.config.get("quantization")
-    if quantization:
-        from llmctl.compression.classifier_quant import dequantize_classifier
-
-        model = dequantize_classifier(model)
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
-        model = copy.deepcopy(model).to("cpu", torch.float32)
-    return model.eval(), quantization or None
-
-
 def _texts_of(loaded: Any, data: Path | None) -> dict[str, Any]:
     """Labelled val texts of `data` or of the model's own dataset ({ids, lengths, labels, source}), else
     seeded random texts of ragged lengths, without labels. A `data` that cannot be read is refused."""
@@ -168,8 +152,6 @@ def quantize_classifier_int8(
     (then macro-F1, then agreement with the fp32 graph's predictions) is kept. Without labelled
     texts, agreement with fp32 alone decides and accuracy is recorded as not measured.
     """
-    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
-
     from llmctl.evaluation.classification import classification_metrics
     from llmctl.evaluation.classifier_eval import predict_probabilities
     from llmctl.models.onnx_classifier import OnnxClassifier
@@ -190,24 +172,14 @@ def quantize_classifier_int8(
 
     try:
         progress.stage("int8: preparing the graph (onnxruntime quant_pre_process)")
-        prepared = work / "prepared.onnx"
-        quant_pre_process(
-            str(layout.onnx), str(prepared), skip_symbolic_shape=True,
-            save_as_external_data=external_data, all_tensors_to_one_file=True,
-            external_data_location=prepared.name + ".data",
-        )
+        prepared = prepare_for_int8(layout, work, external_data)
         progress.stage(f"int8: scoring the fp32 graph on {len(texts['lengths']):,} texts")
         fp32_predicted, fp32_metrics = score(OnnxClassifier(layout.path))
         candidates: dict[str, dict[str, Any]] = {}
         for scheme in ("per-tensor", "per-channel"):
             progress.stage(f"int8: quantizing ({scheme} weight scales) and scoring")
-            graph = work / scheme / layout.onnx_int8.name
-            graph.parent.mkdir()
-            quantize_dynamic(
-                str(prepared), str(graph), weight_type=QuantType.QInt8, per_channel=scheme == "per-channel",
-                use_external_data_format=external_data,
-            )
-            predicted, metrics = score(OnnxClassifier(layout.path, str(graph.relative_to(layout.path))))
+            graph = int8_candidate(layout, work, prepared, scheme, external_data)
+            predicted, metrics = score(OnnxClassifier(layout.path, graph))
             agreement = float((predicted == fp32_predicted).mean())
             candidates[scheme] = {**(metrics or {}), "agreement_with_fp32": agreement}
 

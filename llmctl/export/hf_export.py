@@ -13,7 +13,6 @@ encode sample texts to the ids the `tokenizers` file gives. The figures go to ex
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import shutil
 import time
@@ -25,7 +24,7 @@ import torch
 
 from llmctl.artifacts import replace_dir_atomic, staging_dir, write_atomic, write_json_atomic
 from llmctl.errors import LlmctlError
-from llmctl.export.onnx_export import ExportReport
+from llmctl.export.onnx_export import ExportReport, fp32_model
 from llmctl.export.verify import ParityRow
 from llmctl.progress import Progress, silent_if_none
 from llmctl.models.hf import (
@@ -67,7 +66,7 @@ def export_hf(
     out_dir = Path(out_dir)
     _check_request(loaded, out_dir, atol, eval_tokens)
     progress = silent_if_none(progress)
-    model, source_quantization = _float_model(loaded)
+    model, source_quantization = fp32_model(loaded)
     config = model.config.to_dict()
     seconds: dict[str, float] = {}
 
@@ -152,18 +151,6 @@ def _check_request(loaded: Any, out_dir: Path, atol: float, eval_tokens: Any) ->
             f"{out_dir}: exists and is not an export dir (no export.json); choose a new directory, "
             "as the export replaces the whole directory."
         )
-
-
-def _float_model(loaded: Any) -> tuple[Any, dict[str, Any] | None]:
-    """The fp32 CPU `gpt` model to write, and the quantization it was dequantized from (None: it was float)."""
-    model, quantization = loaded.model, loaded.config.get("quantization")
-    if quantization:
-        from llmctl.compression.quantization import dequantize
-
-        model = dequantize(model)
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
-        model = copy.deepcopy(model).to("cpu", torch.float32)
-    return model.eval(), quantization or None
 
 
 def _write_weights(model: Any, path: Path, *, zero_o_proj_bias: bool) -> int:

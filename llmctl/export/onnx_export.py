@@ -128,7 +128,7 @@ def export_onnx(
         )
     _check_request(loaded, out_dir, opset, quantize, atol, rtol, eval_tokens)
     progress = silent_if_none(progress)
-    model, source_quantization = _fp32_model(loaded)
+    model, source_quantization = fp32_model(loaded)
     seconds: dict[str, float] = {}
 
     tmp = staging_dir(out_dir)
@@ -228,14 +228,19 @@ def check_common_request(out_dir: Path, opset: int, quantize: str | None, atol: 
         )
 
 
-def _fp32_model(loaded: Any) -> tuple[GPT, dict[str, Any] | None]:
-    """The fp32 CPU `gpt` model to trace, and the quantization it was dequantized from (None: it was float).
+def fp32_model(loaded: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The fp32 CPU model to export (a `gpt` or a classifier), and the quantization it was dequantized
+    from (None: it was float).
 
-    ONNX Runtime's int8 is its own (--quantize int8), so a quantized model dir is exported as the
-    float model its integer weights stand for, rounding kept.
+    ONNX Runtime's int8 is its own (--quantize int8), and an HF dir holds float weights, so a quantized
+    model dir is exported as the float model its integer weights stand for, rounding kept.
     """
     model, quantization = loaded.model, loaded.config.get("quantization")
-    if quantization:
+    if quantization and getattr(model, "task", None) == "classification":
+        from llmctl.compression.classifier_quant import dequantize_classifier
+
+        model = dequantize_classifier(model)
+    elif quantization:
         from llmctl.compression.quantization import dequantize
 
         model = dequantize(model)

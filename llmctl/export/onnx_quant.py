@@ -33,8 +33,6 @@ def quantize_int8(
     perplexity over them (the one nearer fp32 wins); without, by its mean |logit - fp32 logit| on a seeded
     random prompt, and perplexity is recorded as not measured.
     """
-    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
-
     from llmctl.models.onnx_model import OnnxCausalLM
 
     layout = ExportDir(Path(export_dir))
@@ -43,14 +41,7 @@ def quantize_int8(
     progress = silent_if_none(progress)
     try:
         progress.stage("int8: preparing the graph (onnxruntime quant_pre_process)")
-        prepared = work / "prepared.onnx"
-        # Symbolic shape inference gives up on this graph's shape arithmetic; ONNX's own shape
-        # inference, which still runs, types every MatMul weight, which is all dynamic int8 needs.
-        quant_pre_process(
-            str(layout.onnx), str(prepared), skip_symbolic_shape=True,
-            save_as_external_data=external_data, all_tensors_to_one_file=True,
-            external_data_location=prepared.name + ".data",
-        )
+        prepared = prepare_for_int8(layout, work, external_data)
         vocab_size = reference.config.vocab_size
         reference_ppl = None
         if eval_tokens is not None:
@@ -65,13 +56,7 @@ def quantize_int8(
         candidates: dict[str, dict[str, Any]] = {}
         for scheme in ("per-tensor", "per-channel"):
             progress.stage(f"int8: quantizing ({scheme} weight scales)")
-            graph = work / scheme / layout.onnx_int8.name
-            graph.parent.mkdir()
-            quantize_dynamic(
-                str(prepared), str(graph), weight_type=QuantType.QInt8, per_channel=scheme == "per-channel",
-                use_external_data_format=external_data,
-            )
-            model = OnnxCausalLM(layout.path, str(graph.relative_to(layout.path)))
+            model = OnnxCausalLM(layout.path, int8_candidate(layout, work, prepared, scheme, external_data))
             if reference_ppl is not None:
                 progress.stage(f"int8: perplexity ({scheme})", unit="tokens")
                 ppl = _perplexity(model, eval_tokens, vocab_size, progress.update)
@@ -106,6 +91,35 @@ def _perplexity(model: Any, tokens: np.ndarray, vocab_size: int, on_progress: On
     no_bytes = np.ones(vocab_size, dtype=np.int64)  # bits per byte is not wanted here, only perplexity
     return evaluate_tokens(model, tokens, no_bytes, source="export int8 check", batch_size=1,
                           on_progress=on_progress).perplexity
+
+
+def prepare_for_int8(layout: Any, work: Path, external_data: bool) -> Path:
+    """work/prepared.onnx: the export dir's model.onnx through onnxruntime's quant_pre_process."""
+    from onnxruntime.quantization import quant_pre_process
+
+    prepared = work / "prepared.onnx"
+    # Symbolic shape inference gives up on the decoder graph's shape arithmetic; ONNX's own shape
+    # inference, which still runs, types every MatMul weight, which is all dynamic int8 needs.
+    quant_pre_process(
+        str(layout.onnx), str(prepared), skip_symbolic_shape=True,
+        save_as_external_data=external_data, all_tensors_to_one_file=True,
+        external_data_location=prepared.name + ".data",
+    )
+    return prepared
+
+
+def int8_candidate(layout: Any, work: Path, prepared: Path, scheme: str, external_data: bool) -> str:
+    """work/<scheme>/model.int8.onnx: `prepared` with dynamic int8 (QInt8) weights under `scheme`'s scales
+    (per-tensor or per-channel); its path relative to the export dir, as the ONNX model classes open it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = work / scheme / layout.onnx_int8.name
+    graph.parent.mkdir()
+    quantize_dynamic(
+        str(prepared), str(graph), weight_type=QuantType.QInt8, per_channel=scheme == "per-channel",
+        use_external_data_format=external_data,
+    )
+    return str(graph.relative_to(layout.path))
 
 
 def keep_int8_candidate(layout: Any, work: Path, chosen: str) -> dict[str, Any]:

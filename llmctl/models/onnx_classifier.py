@@ -33,9 +33,7 @@ class OnnxClassifier:
 
     def __init__(self, export_dir: Path, file: str = "model.onnx", providers: list[str] | None = None,
                  spin_threads: bool = True):
-        import onnxruntime as ort
-
-        from llmctl.models.onnx_model import check_export_dir, session_options
+        from llmctl.models.onnx_model import check_export_dir, open_session
 
         layout = check_export_dir(export_dir, file)
         manifest = read_json_artifact(layout.manifest, "export dir")
@@ -47,11 +45,7 @@ class OnnxClassifier:
         self.graph_path = layout.path / file
         self.device = torch.device("cpu")
         self._parameters = int(manifest.get("parameters") or 0)
-        options = session_options(spin_threads)
-        try:
-            self.session = ort.InferenceSession(str(self.graph_path), options, providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
-            raise LlmctlError(f"{self.graph_path}: ONNX Runtime cannot open it ({e}).") from None
+        self.session = open_session(self.graph_path, providers, spin_threads)
         names = tuple(i.name for i in self.session.get_inputs())
         if names != INPUTS or [o.name for o in self.session.get_outputs()][:1] != [OUTPUT]:
             raise LlmctlError(

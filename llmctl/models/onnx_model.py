@@ -56,8 +56,6 @@ class OnnxCausalLM:
 
     def __init__(self, export_dir: Path, file: str = "model.onnx", providers: list[str] | None = None,
                  spin_threads: bool = True):
-        import onnxruntime as ort
-
         layout = check_export_dir(export_dir, file)
         manifest = read_json_artifact(layout.manifest, "export dir")
         self.config: dict[str, Any] = read_json_artifact(layout.config, "export dir")
@@ -66,16 +64,7 @@ class OnnxCausalLM:
         self.device = torch.device("cpu")
         self._parameters = int(manifest.get("parameters") or 0)
 
-        # ORT's default optimization level. On a 124M model (2 cores) BASIC, EXTENDED, ALL, a saved
-        # pre-optimized graph, onnxruntime.transformers fusions and intra_op_num_threads=2 all ran
-        # within noise of each other (one run: prefill 90-94 ms, decode 10.6-11.3 ms), so the plain graph ships.
-        options = session_options(spin_threads)
-        try:
-            self.session = ort.InferenceSession(
-                str(self.graph_path), options, providers=providers or ["CPUExecutionProvider"]
-            )
-        except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
-            raise LlmctlError(f"{self.graph_path}: ONNX Runtime cannot open it ({e}).") from None
+        self.session = open_session(self.graph_path, providers, spin_threads)
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.n_layer = len(past) // 2
         # An int8 graph quantizes each MatMul's activations with one scale over the whole input, so a
@@ -145,11 +134,25 @@ def session_options(spin_threads: bool = True) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    # ORT's default optimization level. On a 124M model (2 cores) BASIC, EXTENDED, ALL, a saved
+    # pre-optimized graph, onnxruntime.transformers fusions and intra_op_num_threads=2 all ran
+    # within noise of each other (one run: prefill 90-94 ms, decode 10.6-11.3 ms), so the plain graph ships.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not spin_threads:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
+
+
+def open_session(graph_path: Path, providers: list[str] | None = None, spin_threads: bool = True) -> Any:
+    """An ONNX Runtime session over `graph_path` (CPU unless `providers` say otherwise)."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(graph_path), session_options(spin_threads),
+                                    providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
+        raise LlmctlError(f"{graph_path}: ONNX Runtime cannot open it ({e}).") from None
 
 
 def load_export_dir(path: str | Path, file: str = "model.onnx", spin_threads: bool = True) -> LoadedModel:

@@ -99,5 +99,5 @@ def report_compare(report: dict[str, Any], out_dir: Path, *, classifier: bool) -
         "kind": "compare",
         "task": "classifier" if classifier else "lm",
         **report,
-        "files": {"html": str(files.html), "plots": {p.path.stem.removeprefix("report-"): str(p.path) for p in plots}},
+        "files": files.listing(plots),
     }

@@ -25,6 +25,10 @@ class ReportFiles:
     def plot(self, name: str) -> Path:
         return self.path / f"report-{name}.png"
 
+    def listing(self, plots: list) -> dict:
+        """The report's files as --json gives them: the HTML page and each plot (`.path`) by its name."""
+        return {"html": str(self.html), "plots": {p.path.stem.removeprefix("report-"): str(p.path) for p in plots}}
+
     def prepare(self) -> None:
         """Create the folder, refusing a path that names an existing file."""
         if self.path.exists() and not self.path.is_dir():

@@ -206,5 +206,5 @@ def report_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
         "kind": "run",
         "run_dir": str(run_dir),
         **summary,
-        "files": {"html": str(files.html), "plots": {p.path.stem.removeprefix("report-"): str(p.path) for p in plots}},
+        "files": files.listing(plots),
     }

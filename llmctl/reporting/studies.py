@@ -265,5 +265,5 @@ def report_study(study_dir: Path, out_dir: Path | None = None) -> dict[str, Any]
         "kind": "study",
         "study_dir": str(study_dir),
         **summary,
-        "files": {"html": str(files.html), "plots": {p.path.stem.removeprefix("report-"): str(p.path) for p in plots}},
+        "files": files.listing(plots),
     }
