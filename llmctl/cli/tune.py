@@ -47,20 +47,35 @@ def tune_cli(
             raise LlmctlError(f"{recipe}: tune.space is empty; name the keys to search, e.g. train.lr: {{type: float, low: 1e-4, high: 1e-2, log: true}}.")
         sdir = StudyDir(study_dir or Path("runs") / resolved.name)
         sdir.path.mkdir(parents=True, exist_ok=True)
-        from llmctl.tuning.study import check_space, count_finished, open_storage, open_study, storage_url, write_outputs
+        from llmctl.tuning.study import (
+            check_space,
+            count_finished,
+            fail_dead_trials,
+            open_storage,
+            open_study,
+            storage_url,
+            waiting_retries,
+            write_outputs,
+        )
 
         check_space(recipe, extra, resolved)
 
         url = storage_url(sdir, storage)
-        study = open_study(resolved, open_storage(url, resolved.tune))
+        storage = open_storage(url, resolved.tune)
+        study = open_study(resolved, storage)
+        dead = fail_dead_trials(study, storage)
+        if dead:
+            say(f"trial {', '.join(map(str, dead))}: its worker is gone; failed, and queued again with the same values")
         slots = _slots(jobs)
 
         from llmctl.cli.prepare import run_prepare
 
         run_prepare(resolved)
         done = count_finished(study)
-        if done < resolved.tune.trials:
-            say(f"study {resolved.name}: {done} of {resolved.tune.trials} trials done; running {jobs} at once -> {sdir.path}")
+        retries = waiting_retries(study)
+        if done < resolved.tune.trials or retries:
+            again = f" (+{retries} retried)" if retries else ""
+            say(f"study {resolved.name}: {done} of {resolved.tune.trials} trials done{again}; running {jobs} at once -> {sdir.path}")
             spec = {
                 "recipe": str(recipe.resolve()),
                 "overrides": extra,

@@ -1,18 +1,27 @@
 """Open the Optuna study a recipe's `tune` section describes, count its trials, and report it.
 
 Storage: a SQLite file in the study dir by default, opened with Optuna's heartbeat, so a
-trial whose worker died (kill -9, a lost machine) is failed by the next worker that starts a
-trial and retried (RetryHeartbeatStaleTrialCallback); a running trial of a live worker keeps beating
-and is never touched. Optuna 5.0's journal file storage would avoid SQLite's locking but has
-no heartbeat, so it cannot tell a dead worker from a slow one; SQLite's lock waits (timeout
-below) are short next to trials of seconds or more.
+trial whose worker died (kill -9, a lost machine) is failed and retried
+(RetryHeartbeatStaleTrialCallback); a running trial of a live worker keeps beating and is never
+touched. Optuna 5's journal file storage would avoid SQLite's locking but has no heartbeat, so it
+cannot tell a dead worker from a slow one; SQLite's lock waits (timeout below) are short next to
+trials of seconds or more.
+
+Creating the storage is not safe against itself: every `RDBStorage` that opens a database stamps
+alembic's version table when it finds none, so two processes opening a new file at once can both
+try `CREATE TABLE alembic_version` and one fails. The SQLite file is therefore made once, under a
+file lock, under a temporary name and renamed into place whole; a PostgreSQL database is
+initialised under an advisory lock.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -53,22 +62,143 @@ def storage_url(study_dir: StudyDir, given: str | None) -> str:
 
 
 def open_storage(url: str, tune: TuneConfig) -> Any:
-    """An Optuna storage with heartbeat and retry of dead workers' trials; exit 2 if it cannot be opened."""
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
+    """An Optuna storage with heartbeat and retry of dead workers' trials, created once whatever
+    opens it at the same moment; exit 2 if it cannot be opened."""
     quiet_optuna()
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=tune.heartbeat_s,
-            grace_period=3 * tune.heartbeat_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=tune.retries),
-        )
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            return _open_sqlite(Path(url.removeprefix("sqlite:///")), tune)
+        if url.startswith(("postgresql:", "postgresql+")):
+            return _open_under_advisory_lock(url, tune)
+        return _rdb_storage(url, tune)
     except Exception as e:  # sqlalchemy raises many kinds; the URL is what is wrong
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LlmctlError(f"--storage {url}: cannot be opened ({first[:300]}).") from None
+
+
+def _rdb_storage(url: str, tune: TuneConfig) -> Any:
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=tune.heartbeat_s,
+        grace_period=3 * tune.heartbeat_s,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=tune.retries),
+    )
+
+
+def _open_sqlite(path: Path, tune: TuneConfig) -> Any:
+    """Open the SQLite study file, creating it first if this is the first process to get the lock.
+
+    The file is made under `.study.db.<pid>.tmp` and renamed into place once its tables and version
+    stamp are written, so no process (nor a tool watching the study dir) ever opens a half-made one.
+    """
+    from filelock import FileLock
+
+    with FileLock(f"{path}.lock", timeout=300):
+        if not path.is_file():
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a creator that died (we hold the lock)
+                stale.unlink(missing_ok=True)
+            staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            _rdb_storage(f"sqlite:///{staged}", tune).engine.dispose()
+            with open(staged, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(staged, path)
+        return _rdb_storage(f"sqlite:///{path}", tune)
+
+
+# Any fixed 64-bit key: llmctl's processes only need to agree with each other on it.
+_ADVISORY_LOCK_KEY = 0x6C6C6D63746C  # "llmctl"
+
+
+def _open_under_advisory_lock(url: str, tune: TuneConfig) -> Any:
+    """Open a PostgreSQL storage while holding a session advisory lock, so that workers starting on
+    several hosts at once create Optuna's tables and version stamp once."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+            try:
+                return _rdb_storage(url, tune)
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who runs a trial: host, pid and the process's start time, enough to tell later whether it is gone."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc), which a reused pid does not share."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _worker_gone(worker: dict[str, Any]) -> bool:
+    """True only for a worker of this host whose process no longer exists (or whose pid was reused)."""
+    if worker.get("host") != socket.gethostname() or not isinstance(worker.get("pid"), int):
+        return False
+    pid = worker["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    started = worker.get("started")
+    return started is not None and _process_start(pid) not in (None, started)
+
+
+def fail_dead_trials(study: Any, storage: Any, only_pid: int | None = None) -> list[int]:
+    """Fail the running trials whose worker is gone and queue their retries; the failed trials' numbers.
+
+    Dead means: a heartbeat older than the grace period (Optuna's own check, for workers on any
+    host), or a worker on this host whose process has ended — known at once, without waiting out
+    the grace period. `only_pid` gives up the trials of that process instead (a worker leaving
+    because `llmctl tune` is gone). The retry is Optuna's RetryHeartbeatStaleTrialCallback, so a
+    retried trial records the one it replaces.
+    """
+    import optuna
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    if only_pid is None:
+        fail_stale_trials(study)
+    failed_ids = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker") or {}
+        mine = only_pid is not None and worker.get("pid") == only_pid and worker.get("host") == socket.gethostname()
+        if not (mine or (only_pid is None and _worker_gone(worker))):
+            continue
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                failed_ids.append(t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another process finished or failed it first
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in failed_ids:
+        if retry is not None:
+            retry(study, copy.deepcopy(storage.get_trial(trial_id)))
+    after = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return sorted(t.number for t in after if t.number not in before and "fail_reason" not in t.user_attrs)
+
+
+def waiting_retries(study: Any) -> int:
+    """Retries of dead trials queued and not yet started: work the study still owes."""
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if "failed_trial" in t.system_attrs)
 
 
 def make_sampler(tune: TuneConfig, seed: int) -> Any:
@@ -150,11 +280,22 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
                 "params": dict(t.params),
                 "last_reported_step": last_step,
                 "duration_s": duration,
-                "reason": t.user_attrs.get("fail_reason", ""),
+                "reason": t.user_attrs.get("fail_reason", "") or _retry_note(t),
                 "run_dir": t.user_attrs.get("run_dir", ""),
             }
         )
     return rows
+
+
+def _retry_note(trial: Any) -> str:
+    """Why a trial without a reason of its own failed or ran: its worker died, or it is such a trial's retry."""
+    from optuna.trial import TrialState
+
+    if trial.state == TrialState.FAIL:
+        return "its worker died; retried"
+    if "failed_trial" in trial.system_attrs:
+        return f"retry of trial {trial.system_attrs['failed_trial']}"
+    return ""
 
 
 def best_overrides(study: Any) -> list[str]:

@@ -19,6 +19,13 @@ from llmctl.errors import LlmctlError
 from llmctl.training.trainer import TrainCallbacks
 
 
+class TuneParentGone(BaseException):
+    """`llmctl tune` is gone (killed): this worker gives its trial back and stops.
+
+    A BaseException, so that Optuna's `catch=(Exception,)` does not record it as the trial's own failure.
+    """
+
+
 def suggest_overrides(trial: Any, space: dict[str, Any]) -> list[str]:
     """Sample every key of the space on `trial`; return them as section.key=value overrides."""
     out = []
@@ -46,9 +53,7 @@ class TrialReporter(TrainCallbacks):
 
     def on_step(self, step: int, row: dict[str, Any] | None) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
-            # `llmctl tune` is gone (killed): stop at once; the heartbeat stops and the trial is
-            # retried when the study is resumed.
-            raise SystemExit(1)
+            raise TuneParentGone()
 
     def on_eval(self, row: dict[str, Any]) -> None:
         import optuna
@@ -76,7 +81,9 @@ def run_trial(trial: Any, spec: dict[str, Any]) -> float:
     base = load_recipe(spec["recipe"], spec["overrides"])
     run_dir = StudyDir(Path(spec["study_dir"])).trial(trial.number)
     trial.set_user_attr("run_dir", str(run_dir))
-    trial.set_user_attr("worker", {"slot": spec.get("slot"), "pid": os.getpid(), "threads": _threads(),
+    from llmctl.tuning.study import worker_identity
+
+    trial.set_user_attr("worker", {**worker_identity(), "slot": spec.get("slot"), "threads": _threads(),
                                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
     # tune.max_steps is each trial's budget: it replaces train.epochs too, which would otherwise win.
     budget = [f"train.max_steps={base.tune.max_steps}", "train.epochs=null"] if base.tune.max_steps else []
@@ -128,7 +135,7 @@ def _run_launched_trial(trial: Any, spec: dict[str, Any], base: Any, overrides: 
         except subprocess.TimeoutExpired:
             if os.getppid() != spec["parent_pid"]:
                 os.killpg(child.pid, 9)
-                raise SystemExit(1) from None
+                raise TuneParentGone() from None
     if child.returncode != 0:
         lines = [line for line in (err or "").splitlines() if line.strip()]
         said = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
@@ -156,18 +163,23 @@ def work(spec_path: Path, slot: int) -> int:
 
     torch.set_num_threads(spec["threads"])
     from llmctl.config.loader import load_recipe
-    from llmctl.tuning.study import count_finished, open_storage, open_study
+    from llmctl.tuning.study import count_finished, fail_dead_trials, open_storage, open_study, waiting_retries
 
     recipe = load_recipe(spec["recipe"], spec["overrides"])
     storage = open_storage(spec["storage"], recipe.tune)
     study = open_study(recipe, storage, seed_offset=1000 * slot + len(study_trials(storage, recipe.name)))
     deadline = spec.get("deadline")
-    while count_finished(study) < spec["trials"]:
+    while count_finished(study) < spec["trials"] or waiting_retries(study):
         if deadline is not None and time.time() >= deadline:
             break
         if os.getppid() != spec["parent_pid"]:
             return 1
-        study.optimize(lambda t: run_trial(t, spec), n_trials=1, catch=(Exception,))
+        fail_dead_trials(study, storage)
+        try:
+            study.optimize(lambda t: run_trial(t, spec), n_trials=1, catch=(Exception,))
+        except TuneParentGone:
+            fail_dead_trials(study, storage, only_pid=os.getpid())
+            return 1
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,30 @@ def test_a_study_killed_with_sigkill_resumes_keeping_its_completed_trials(workdi
     retried = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) in {d.number for d in dead}]
     assert retried and retried[0].params == dead[0].params
     assert json.loads(out.stdout)["best"] is not None
+
+
+def test_a_trial_left_running_by_a_dead_worker_is_failed_and_rerun_even_once_the_study_is_complete(workdir: Path) -> None:
+    (workdir / "tune.yaml").write_text(TUNE.format(trials=1).replace("heartbeat_s: 1", "heartbeat_s: 600"))
+    run_cli(workdir, "tune", "tune.yaml")
+    # What `llmctl tune` and its worker leave when both are killed with SIGKILL mid-trial: a RUNNING trial
+    # whose worker process on this host has ended, long before its heartbeat (grace period 30 min) goes stale.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    study = _study(workdir)
+    orphan = study.ask()
+    lr = orphan.suggest_float("train.lr", 1.0e-3, 10.0, log=True)
+    orphan.set_user_attr("worker", {"host": socket.gethostname(), "pid": gone.pid, "started": 1})
+
+    out = run_cli(workdir, "tune", "tune.yaml", "--json")
+    assert f"trial {orphan.number}: its worker is gone" in out.stderr
+    trials = _study(workdir).get_trials()
+    assert trials[orphan.number].state == TrialState.FAIL
+    (retry,) = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == orphan.number]
+    assert retry.params == {"train.lr": lr} and retry.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    summary = json.loads(out.stdout)
+    assert summary["trials"]["running"] == 0 and summary["trials"]["waiting"] == 0
+    rows = (workdir / "runs/tune/trials.csv").read_text().splitlines()
+    assert any(row.startswith(f"{orphan.number},fail,") and "its worker died; retried" in row for row in rows)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +39,40 @@ def python_c(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+# Libraries whose import costs a second or more (shared/NOTES.md): `--help` and completion must load none.
+HEAVY_LIBRARIES = frozenset({
+    "torch", "accelerate", "onnxruntime", "onnx", "onnxscript", "optuna", "fastapi", "uvicorn", "starlette",
+    "transformers", "numpy", "safetensors", "tokenizers", "matplotlib", "sqlalchemy", "torchao",
+})
+HELP_MODULE_BUDGET = 450
+COMPLETION_MODULE_BUDGET = 650
+
+
+def run_counting_imports(command: list[str], cwd: Path, **env: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run `command` (a Python program) with `PYTHONPROFILEIMPORTTIME`; its result and every module it imported.
+
+    Python's import-time report names each module once, whatever the load on the machine, so the set is
+    what a budget can be checked against where seconds could not.
+    """
+    result = subprocess.run(
+        command, cwd=cwd, env=clean_env(PYTHONPROFILEIMPORTTIME="1", **env), capture_output=True, text=True, timeout=120
+    )
+    modules, other = set(), []
+    for line in result.stderr.splitlines():
+        if line.startswith("import time:"):
+            name = line.rsplit("|", 1)[-1].strip()
+            if name != "imported package":
+                modules.add(name)
+        else:
+            other.append(line)
+    result.stderr = "\n".join(other)
+    return result, modules
+
+
+def top_level(modules: set[str]) -> set[str]:
+    return {m.split(".")[0] for m in modules}
+
+
 def complete(cwd: Path, **env: str) -> list[str]:
     """Drive shell completion through typer's real protocol; the candidates, one per line."""
     result = llmctl_run(cwd=cwd, **env)
@@ -59,18 +92,15 @@ def test_importing_the_cli_imports_neither_torch_nor_accelerate(tmp_path):
     assert result.stdout.strip() == "[]"
 
 
-def test_help_lists_every_command_and_is_instant(tmp_path):
+def test_help_lists_every_command_and_loads_no_heavy_library(tmp_path):
     command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.is_file() else [sys.executable, "-m", "llmctl"]
-    timings, out = [], ""
-    for _ in range(3):
-        t0 = time.perf_counter()
-        result = subprocess.run([*command, "--help"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True)
-        timings.append(time.perf_counter() - t0)
-        assert result.returncode == 0, result.stderr
-        out = result.stdout
+    result, modules = run_counting_imports([*command, "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
     for name in ("prepare", "train", "eval", "recipes"):
-        assert f" {name} " in out, out
-    assert min(timings) < 0.3, f"llmctl --help took {min(timings):.3f} s at best"
+        assert f" {name} " in result.stdout, result.stdout
+    assert not top_level(modules) & HEAVY_LIBRARIES, sorted(top_level(modules) & HEAVY_LIBRARIES)
+    # A budget in modules, not seconds: typer, rich and llmctl.cli load about 330 today.
+    assert len(modules) < HELP_MODULE_BUDGET, f"llmctl --help imported {len(modules)} modules"
 
 
 def test_no_arguments_prints_the_first_steps_and_exits_0(tmp_path):
