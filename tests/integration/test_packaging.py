@@ -16,7 +16,7 @@ def test_installed_wheel_finds_the_shipped_recipes(tmp_path: Path) -> None:
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path / "dist"), str(REPO)],
         check=True, capture_output=True, text=True, timeout=300,
     )
-    wheel = next((tmp_path / "dist").glob("llmctl-*.whl"))
+    wheel = next((tmp_path / "dist").glob("llmctl_toolchain-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "llmctl/_recipes/tiny-gpt.yaml" in names and "llmctl/_recipes/gpt-124m.yaml" in names
 

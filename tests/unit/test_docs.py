@@ -35,3 +35,19 @@ def test_index_links_every_page() -> None:
     for page in sorted(DOCS.glob("*.md")):
         if page.name != "index.md":
             assert f"({page.name})" in index, f"docs/index.md does not link {page.name}"
+
+
+def test_no_page_installs_the_unrelated_pypi_llmctl() -> None:
+    """PyPI's `llmctl` is someone else's project: the docs install this one by its own distribution name."""
+    import re
+
+    root = DOCS.parent
+    name = re.search(r'^name = "([^"]+)"$', (root / "pyproject.toml").read_text(encoding="utf-8"), re.M).group(1)
+    assert name != "llmctl"
+    stranger = re.compile(r"pip install\s+(-\S+\s+)*[\"']?llmctl(?![-\w])")
+    pages = [root / "README.md", *sorted(DOCS.glob("*.md")), *sorted(DOCS.glob("*.yml"))]
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert not stranger.search(text), f"{page.name} installs PyPI's llmctl"
+    for page in (root / "README.md", DOCS / "index.md", DOCS / "github-actions.yml"):
+        assert f"{name} @ git+" in page.read_text(encoding="utf-8"), f"{page.name} does not say how to install {name}"
