@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmctl.config.schema import Recipe
+from llmctl.config.schema import ModelConfig, Recipe
 from llmctl.errors import LlmctlError
 
 COMMAND_LINE = "command line"
@@ -31,10 +31,31 @@ def _line_map(node: yaml.Node, prefix: str = "") -> dict[str, int]:
     return lines
 
 
+def _refuse_duplicate_keys(node: yaml.Node | None, source: str, prefix: str = "") -> None:
+    """Refuse a mapping that names a key twice (YAML loaders silently keep the last one), naming both lines."""
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key_node.value in first_line and key_node.tag != "tag:yaml.org,2002:merge":
+                raise LlmctlError(
+                    f"{source}:{line} {key}: given twice (first at line {first_line[key_node.value]}); "
+                    "YAML would silently keep the last one: keep one of them.",
+                    kind="recipe",
+                )
+            first_line.setdefault(key_node.value, line)
+            _refuse_duplicate_keys(value_node, source, key)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, source, f"{prefix}[{i}]")
+
+
 def parse_recipe_text(text: str, source: str) -> tuple[dict[str, Any], dict[str, int]]:
-    """Parse recipe YAML into a dict plus the line of every dotted key."""
+    """Parse recipe YAML into a dict plus the line of every dotted key; a key given twice is refused."""
     try:
         node = yaml.compose(text)
+        _refuse_duplicate_keys(node, source)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -48,6 +69,20 @@ def parse_recipe_text(text: str, source: str) -> tuple[dict[str, Any], dict[str,
     return data, _line_map(node) if node is not None else {}
 
 
+def _takes_plain_string(parts: list[str]) -> bool:
+    """Whether the recipe key `parts` (e.g. ["run", "name"]) holds a string, so any text is a fine value."""
+    model: Any = Recipe
+    for part in parts:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        options = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        model = next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)), None)
+        if model is None:
+            return str in options
+    return False
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
@@ -55,11 +90,23 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise LlmctlError(
             f"override {item!r}: expected section.key=value, e.g. train.lr=3e-4 or model.n_layer=2."
         )
+    parts = key.split(".")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except yaml.YAMLError as e:
+        # Text YAML cannot read stays a string (a glob such as *.txt, a Jinja template), unless it opens
+        # a YAML list or mapping for a key that holds no string: then it is a list left broken.
+        if raw.lstrip().startswith(("[", "{")) and not _takes_plain_string(parts):
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            opening = raw.lstrip()[0]
+            shape = "list, e.g. [a, b]" if opening == "[" else "mapping, e.g. {key: value}"
+            raise LlmctlError(
+                f"{COMMAND_LINE} {key}: not valid YAML ({problem}); a value starting with {opening} is a YAML "
+                f"{shape} (quote the whole argument for the shell: \"{key}=...\").",
+                kind="recipe",
+            ) from None
         value = raw
-    return key.split("."), value
+    return parts, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], set[str]]:
@@ -158,6 +205,13 @@ def _did_you_mean(loc: tuple[Any, ...]) -> str:
     return f"; expected one of: {', '.join(model.model_fields)}"
 
 
+def _parent_key(key: str) -> str:
+    """train.log_with[0] -> train.log_with -> train -> "" (a list item's parent is its list)."""
+    if key.endswith("]") and "[" in key:
+        return key.rsplit("[", 1)[0]
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
 def _where(key: str, source: str, lines: dict[str, int], overridden: set[str]) -> str:
     probe = key
     while probe:
@@ -167,7 +221,7 @@ def _where(key: str, source: str, lines: dict[str, int], overridden: set[str]) -
             return f"{source}:{lines[probe]}"
         if any(k.startswith((probe + ".", probe + "[")) for k in overridden):
             return COMMAND_LINE
-        probe = probe.rsplit(".", 1)[0] if "." in probe else (probe.rsplit("[", 1)[0] if "[" in probe else "")
+        probe = _parent_key(probe)
     return source
 
 
@@ -195,6 +249,32 @@ def validate_recipe(
             raise LlmctlError(message, kind="recipe") from None
         listing = "\n  ".join(problems)
         raise LlmctlError(f"recipe {source} has {len(problems)} problems:\n  {listing}", kind="recipe") from None
+
+
+class _ModelDirEntries(BaseModel):
+    """The entries a model dir's config.json holds beyond the recipe's model section (classifiers)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    num_classes: int | None = Field(None, ge=2)
+    pad_id: int | None = Field(None, ge=0)
+    max_len: int | None = Field(None, ge=1)
+    labels: list[str] | None = None
+
+
+def check_model_config(config: dict[str, Any], source: str) -> None:
+    """Refuse a model dir's config.json whose entries do not have the recipe schema's types and bounds
+    (strictly: "2" is not an integer), naming the file and the key, before a model is built from it."""
+    fields = {k: v for k, v in config.items() if k in ModelConfig.model_fields}
+    for schema, entries in ((ModelConfig, fields), (_ModelDirEntries, config)):
+        try:
+            schema.model_validate(entries, strict=True)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = _dotted(tuple(err["loc"])) or "(the model's shape)"
+            raise LlmctlError(
+                f"{source} {key}: {_describe(err)}; this config.json is damaged or was edited by hand: restore it, "
+                "or write the model dir again."
+            ) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

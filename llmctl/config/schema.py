@@ -272,12 +272,18 @@ class TrainConfig(_Section):
     )
     log_with: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Experiment trackers that also get the metrics.jsonl rows, through Accelerate: "
-        "tensorboard, mlflow, wandb (each needs its own package; written under the run dir where the tracker allows).",
+        "tensorboard, mlflow, wandb, one name or a list (each needs its own package; written under the run dir where the "
+        "tracker allows).",
     )
     class_weights: Literal["none", "balanced"] | list[float] = Field(
         "none", description="classification: weight of each class in the loss: none, balanced (n / (classes x count)), "
         "or one weight per class in label order.",
     )
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
 
     @field_validator("betas")
     @classmethod

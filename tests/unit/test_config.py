@@ -198,6 +198,78 @@ def test_a_recipe_that_is_not_a_mapping_is_refused(write, text, kind):
     assert message.endswith(f"got {kind}.")
 
 
+def test_a_key_given_twice_in_a_section_names_both_lines_and_the_key(write):
+    path = write("train:\n  lr: 3.0e-3\n  max_steps: 5\n  lr: 0.5\n")
+    err = error_of(path)
+    assert err.message.startswith(f"{path}:4 train.lr: given twice (first at line 2)")
+    assert err.exit_code == EXIT_BAD_INPUT and err.kind == "recipe"
+
+
+def test_a_section_given_twice_is_refused(write):
+    path = write("model:\n  n_layer: 2\ntrain:\n  lr: 0.1\nmodel:\n  n_layer: 6\n")
+    assert error_of(path).message.startswith(f"{path}:5 model: given twice (first at line 1)")
+
+
+def test_a_key_twice_inside_a_list_item_is_refused(write):
+    path = write("data:\n  sources:\n    - {path: a.csv, field: text, field: review}\n")
+    assert error_of(path).message.startswith(f"{path}:3 data.sources[0].field: given twice")
+
+
+def test_the_same_key_in_different_sections_is_fine(write):
+    path = write("train:\n  max_steps: 5\ntune:\n  max_steps: 3\n")
+    recipe = load_recipe(path)
+    assert (recipe.train.max_steps, recipe.tune.max_steps) == (5, 3)
+
+
+def test_yaml_merge_keys_are_not_duplicates(write):
+    path = write("train:\n  <<: {lr: 0.1, max_steps: 4}\n  max_steps: 7\n")
+    recipe = load_recipe(path)
+    assert (recipe.train.lr, recipe.train.max_steps) == (0.1, 7)
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("data.sources=[a.txt, b", "expected ',' or ']'"),
+    ("data.sources={path: a.csv", "expected ',' or '}'"),
+    ("train.betas=[0.9, 0.95", "expected ',' or ']'"),
+])
+def test_broken_yaml_list_on_the_command_line_is_refused(write, override, problem):
+    path = write("run: {seed: 0}\n")
+    err = error_of(path, [override])
+    key = override.split("=")[0]
+    assert err.message.startswith(f"command line {key}: not valid YAML ({problem}")
+    assert err.exit_code == EXIT_BAD_INPUT
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("data.sources=*.txt", "sources", [{"path": "*.txt"}]),
+    ("data.sources=**/*.py", "sources", [{"path": "**/*.py"}]),
+    ("data.dir=[weird", "dir", "[weird"),
+    ("data.tokenizer=@tok.json", "tokenizer", "@tok.json"),
+])
+def test_plain_strings_that_yaml_cannot_read_still_work_unquoted(write, override, key, value):
+    path = write("run: {seed: 0}\n")
+    data = load_recipe(path, [override]).data.model_dump(mode="json")
+    got = data[key]
+    assert (got if not isinstance(value, list) else [{"path": s["path"]} for s in got]) == value
+
+
+def test_a_jinja_chat_template_on_the_command_line_stays_a_string(write):
+    path = write("data: {task: instruct}\n")
+    template = "{{ messages[0]['content'] }}{% if add_generation_prompt %}A:{% endif %}"
+    assert load_recipe(path, [f"data.chat_template={template}"]).data.chat_template == template
+
+
+@pytest.mark.parametrize("value", ["tensorboard", "[tensorboard]"])
+def test_log_with_takes_one_tracker_name_or_a_list(write, value):
+    path = write("run: {seed: 0}\n")
+    assert load_recipe(path, [f"train.log_with={value}"]).train.log_with == ["tensorboard"]
+
+
+def test_an_unknown_tracker_in_an_override_is_blamed_on_the_command_line(write):
+    path = write("train:\n  lr: 0.1\n")
+    assert error_of(path, ["train.log_with=tensorbored"]).message.startswith("command line train.log_with[0]: must be one of")
+
+
 def test_missing_recipe_file_points_at_the_shipped_recipes(tmp_path):
     with pytest.raises(LlmctlError, match=r"nope\.yaml: no such recipe file.*llmctl recipes ls"):
         load_recipe(tmp_path / "nope.yaml")
@@ -350,3 +422,33 @@ def test_tiny_recipe_fixture_validates_with_the_tiny_shape(tiny_recipe):
     assert (recipe.model.n_layer, recipe.model.n_head, recipe.model.d_model) == (2, 2, 32)
     assert recipe.model.context_length == 32 and recipe.model.vocab_size == 300
     assert recipe.train.batch_size == 8 and recipe.name == "tiny"
+
+
+# --- a model dir's config.json -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("n_layer", "two", "n_layer: must be an integer, got 'two'"),
+    ("n_layer", "2", "n_layer: must be an integer, got '2'"),
+    ("n_layer", 0, "n_layer: must be >= 1, got 0"),
+    ("tie_embeddings", "yes", "tie_embeddings: must be true or false"),
+    ("family", "transformer", "family: must be one of"),
+    ("num_classes", "2", "num_classes: must be an integer"),
+])
+def test_model_config_with_a_wrong_type_names_the_file_and_key(key, value, problem):
+    from llmctl.config.loader import check_model_config
+
+    config = {"family": "gpt", "vocab_size": 300, "n_layer": 2, "n_head": 2, "d_model": 32, "rope_theta": 10000,
+              key: value}
+    with pytest.raises(LlmctlError) as info:
+        check_model_config(config, "m/config.json")
+    assert info.value.message.startswith(f"m/config.json {problem}")
+    assert info.value.exit_code == EXIT_BAD_INPUT
+
+
+def test_model_config_as_llmctl_writes_it_passes():
+    from llmctl.config.loader import check_model_config
+
+    check_model_config({"family": "rnn", "vocab_size": 300, "n_layer": 1, "d_model": 8, "hidden_size": 8,
+                        "num_classes": 2, "pad_id": 0, "labels": ["neg", "pos"], "max_len": 16, "pooling": "last",
+                        "dropout": 0, "quantization": {"scheme": "int8"}}, "m/config.json")
