@@ -6,16 +6,18 @@ layout, so no command spells out a path string of its own.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from llmctl.errors import LlmctlError
+from llmctl.errors import EXIT_FAILURE, LlmctlError
 
 FORMAT_VERSION = 1
 
@@ -41,8 +43,9 @@ def _umask() -> int:
     return mask
 
 
-def _usual_mode(path: Path | int, *, directory: bool) -> None:
-    """Give a file or dir made by mkstemp/mkdtemp (0600/0700) the mode a plain open/mkdir would."""
+def usual_mode(path: Path | int, *, directory: bool = False) -> None:
+    """Give a file or dir made private (mkstemp/mkdtemp, safetensors' own temporary: 0600/0700) the mode
+    a plain open/mkdir would, so every file of an artifact has the same (umask's) permissions."""
     mode = (0o777 if directory else 0o666) & ~_umask()
     if isinstance(path, int):
         os.fchmod(path, mode)
@@ -57,7 +60,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        _usual_mode(fd, directory=False)
+        usual_mode(fd, directory=False)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
@@ -134,8 +137,177 @@ def staging_dir(final_dir: Path) -> Path:
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
-    _usual_mode(tmp, directory=True)
+    usual_mode(tmp, directory=True)
     return tmp
+
+
+# --- when a write fails ----------------------------------------------------------------------------
+
+_FREE_SPACE = "free some space"
+_MAKE_WRITABLE = "make it writable (or choose another path)"
+# errno -> (the cause in words, what a person does about it)
+_WRITE_ERRNOS = {
+    errno.ENOSPC: ("no space left on device", _FREE_SPACE),
+    errno.EDQUOT: ("disk quota exceeded", _FREE_SPACE),
+    errno.EFBIG: ("file too large for that filesystem", "write to another filesystem"),
+    errno.EACCES: ("permission denied", _MAKE_WRITABLE),
+    errno.EPERM: ("operation not permitted", _MAKE_WRITABLE),
+    errno.EROFS: ("read-only file system", _MAKE_WRITABLE),
+}
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# Below this many free bytes, a writer's failure that hides its errno is taken for a full disk: torch's
+# zip writer, on a short write, says only "[enforce fail at inline_container.cc] unexpected pos ...".
+LOW_SPACE_BYTES = 1 << 20
+
+
+class WriteFailed(LlmctlError):
+    """A write that failed for a reason fixed on the machine, not in the input: a full disk, a refused
+    permission (exit 1). `problem` names the write, the path, the cause and the free space; `kept` says
+    what is still intact; `remedy` what to do, which a caller that knows more (the trainer: the newest
+    checkpoint and --resume) replaces through `with_remedy`. `fix` is the remedy's verb ("free some space")."""
+
+    def __init__(self, problem: str, *, kept: str, remedy: str, fix: str, kind: str):
+        super().__init__(" ".join(part for part in (problem, kept, remedy) if part), kind=kind, exit_code=EXIT_FAILURE)
+        self.problem, self.kept, self.remedy, self.fix = problem, kept, remedy, fix
+
+    def with_remedy(self, remedy: str) -> "WriteFailed":
+        return WriteFailed(self.problem, kept=self.kept, remedy=remedy, fix=self.fix, kind=self.kind)
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes this process may still write on the filesystem holding `path` (or its nearest existing parent)."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def _write_errno(error: BaseException, target: Path) -> int | None:
+    """The errno of `_WRITE_ERRNOS` behind a failed write, read from the error or, when the writer hid
+    it, inferred from a nearly full disk; None for any other failure."""
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+        return error.errno
+    text = str(error)
+    for code in _WRITE_ERRNOS:
+        # Rust writers (safetensors, tokenizers) end with "(os error 28)"; shutil.Error lists "[Errno 28] ...".
+        if f"os error {code})" in text or f"[Errno {code}]" in text or os.strerror(code) in text:
+            return code
+    writer_error = isinstance(error, (OSError, RuntimeError)) or type(error).__name__ in {"Exception", "SafetensorError"}
+    free = free_bytes(target)
+    if writer_error and free is not None and free < LOW_SPACE_BYTES:
+        return errno.ENOSPC
+    return None
+
+
+def _failed_file(error: BaseException) -> str | None:
+    """The file a failed write names, if it names one (shutil.Error: the first destination of its list)."""
+    name = getattr(error, "filename", None)
+    if name is None and isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list):
+        first = error.args[0][0] if error.args[0] else None
+        name = first[1] if isinstance(first, tuple) and len(first) == 3 else None
+    return os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else None
+
+
+def write_failure(error: BaseException, what: str, target: Path, *, kept: str = "") -> WriteFailed | None:
+    """The one-paragraph WriteFailed (exit 1) for `error` raised while writing `what` (e.g. "the
+    checkpoint runs/x/checkpoints/step-10") at `target`, when a full disk or a refused permission caused
+    it; None for any other error, which the caller re-raises. `kept` says what is still intact."""
+    code = _write_errno(error, target)
+    return None if code is None else _failure(code, error, what, target, kept=kept)
+
+
+def _failure(code: int, error: BaseException, what: str, target: Path, *, kept: str,
+             free_before: int | None = None) -> WriteFailed:
+    """`free_before`: free bytes measured before the partial write was removed (the message gives both)."""
+    cause, fix = _WRITE_ERRNOS[code]
+    file = _failed_file(error)
+    named = f" ({Path(file).name})" if file and Path(file).name not in (Path(target).name, "") else ""
+    problem = f"cannot write {what}{named}: {cause}"
+    if code in _SPACE_ERRNOS:
+        from llmctl.training.memory import human_bytes
+
+        now = free_bytes(target)
+        if free_before is not None and now is not None and now != free_before:
+            problem += f"; {human_bytes(free_before)} was free there, {human_bytes(now)} after removing the partial write"
+        else:
+            problem += f"; {human_bytes(now)} free there"
+    kind = "disk_full" if code in _SPACE_ERRNOS else "not_writable"
+    return WriteFailed(problem + ".", kept=kept, remedy=f"{fix[0].upper()}{fix[1:]}, then run the command again.",
+                       fix=fix, kind=kind)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree, whichever `path` is, if it is there."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def writing(what: str, target: Path, *, partial: Path | None = None, kept: str = "") -> Iterator[None]:
+    """Guard a write of `what` at `target`: on any failure remove `partial` (the temporary file or dir
+    being written), and turn a full disk or a refused permission into a one-line WriteFailed (exit 1)
+    instead of the writer's own error. An LlmctlError passes through unchanged (after the clean-up)."""
+    try:
+        yield
+    except BaseException as error:
+        free_before = free_bytes(target)
+        code = _write_errno(error, target) if isinstance(error, Exception) and not isinstance(error, LlmctlError) else None
+        if partial is not None:
+            remove_path(partial)
+        if code is None:
+            raise
+        raise _failure(code, error, what, target, kept=kept, free_before=free_before if partial else None) from None
+
+
+@contextmanager
+def staged_dir(final_dir: Path, what: str) -> Iterator[Path]:
+    """A fresh staging dir beside `final_dir` to write `what` into; when the block ends it replaces
+    `final_dir` atomically, and when the block fails it is removed (a full disk or a refused permission
+    becoming a WriteFailed that says the earlier `final_dir`, if any, is unchanged)."""
+    final_dir = Path(final_dir)
+    kept = f"The earlier {final_dir} is unchanged." if final_dir.exists() else ""
+    with writing(what, final_dir, kept=kept):
+        tmp = staging_dir(final_dir)
+    with writing(what, final_dir, partial=tmp, kept=kept):
+        yield tmp
+        replace_dir_atomic(tmp, final_dir)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` (with its newline) to `path` whole or not at all: a write that fails part-way is cut
+    back off, so a full disk never leaves a torn row in a log."""
+    raw = memoryview(line.encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            while raw:
+                raw = raw[os.write(fd, raw):]
+        except BaseException:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def refuse_output_over_inputs(flag: str, out: Path, inputs: list[tuple[str, Path]]) -> None:
+    """Refuse an output path that is one of the inputs (`(what, path)` pairs) or lies inside one."""
+    out = Path(out)
+    resolved = out.resolve()
+    for what, path in inputs:
+        source = Path(path).resolve()
+        if resolved == source:
+            raise LlmctlError(f"{flag} {out}: the same path as {what} ({path}), which this command reads; "
+                              "name a new directory.")
+        if source in resolved.parents:
+            raise LlmctlError(f"{flag} {out}: inside {what} ({path}), which this command reads; "
+                              "name a directory outside it.")
 
 
 @dataclass(frozen=True)
@@ -273,6 +445,16 @@ class RunDir:
     def latest_checkpoint(self) -> tuple[int, Path] | None:
         found = self.step_checkpoints()
         return found[-1] if found else None
+
+    def stale_temporaries(self) -> list[Path]:
+        """What an interrupted run left half-written: the staging dirs of model/ and checkpoints/best/,
+        step checkpoints never renamed, the `.old` dirs a replacement moves aside, and the temporaries of
+        atomic file writes. None of them is ever read; a run that starts removes them."""
+        patterns = {
+            self.path: (".model.*.tmp", ".model.old", f".{self.metrics.name}.*.tmp", f".{self.recipe.name}.*.tmp"),
+            self.checkpoints: (".step-*.tmp", ".step-*.old", ".best.*.tmp", ".best.old"),
+        }
+        return sorted(p for folder, globs in patterns.items() if folder.is_dir() for g in globs for p in folder.glob(g))
 
 
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:

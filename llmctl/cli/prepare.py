@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from llmctl.cli.completion import complete_override, complete_recipe_file
 from llmctl.cli.output import print_json, reporting_errors, say
@@ -48,6 +49,7 @@ def _summary(meta: dict) -> dict:
         "text_bytes": meta.get("sources", {}).get("text_bytes"),
         "max_bytes": (meta.get("data") or {}).get("max_bytes"),
         "unigram_perplexity": meta.get("unigram", {}).get("perplexity"),
+        "skipped_files": meta.get("sources", {}).get("skipped_files"),
     }
 
 
@@ -66,7 +68,26 @@ def _classification_summary(meta: dict) -> dict:
         "truncated": {name: s.get("truncated") for name, s in splits.items()},
         "files": meta.get("sources", {}).get("files"),
         "bytes": meta.get("sources", {}).get("bytes"),
+        "skipped_files": meta.get("sources", {}).get("skipped_files"),
     }
+
+
+def _say_skipped(skipped: dict | None) -> None:
+    """What directory sources left out, so a corpus that lost files (or dodged bytecode) says so."""
+    if not skipped or not (skipped["binary_files"] or skipped["hidden_files"] or skipped["dirs"]):
+        return
+    def counted(n: int, one: str, many: str) -> str:
+        return f"{n:,} {one if n == 1 else many}"
+
+    parts = []
+    if skipped["binary_files"]:
+        parts.append(counted(skipped["binary_files"], "binary file", "binary files"))
+    if skipped["hidden_files"]:
+        parts.append(counted(skipped["hidden_files"], "hidden file", "hidden files"))
+    if skipped["dirs"]:
+        names = ", ".join(skipped["dir_names"][:5]) + (", ..." if len(skipped["dir_names"]) > 5 else "")
+        parts.append(f"{counted(skipped['dirs'], 'directory', 'directories')} ({names})")
+    say(escape(f"  directory sources: skipped {', '.join(parts)}"))
 
 
 def _class_counts(counts: dict[str, int], most: int = 8) -> str:
@@ -110,6 +131,8 @@ def run_prepare(resolved, *, force: bool = False):
             f"{s['val_tokens']:,} val tokens, vocab {s['vocab_size']}, unigram val perplexity "
             f"{s['unigram_perplexity']:.1f}"
         )
+    if not result.skipped:
+        _say_skipped(s.get("skipped_files"))
     return result
 
 

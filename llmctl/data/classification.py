@@ -15,7 +15,6 @@ complete (as the language-modelling path does). `ClassificationData` reads it ba
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import re
@@ -30,10 +29,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from llmctl import __version__
-from llmctl.artifacts import FORMAT_VERSION, DatasetDir, read_json_artifact, replace_dir_atomic, staging_dir, write_json_atomic
+from llmctl.artifacts import FORMAT_VERSION, DatasetDir, read_json_artifact, staged_dir, write_json_atomic
 from llmctl.config.schema import DataConfig, SourceSpec
 from llmctl.data.shards import SPLITS, _encode_batch
-from llmctl.data.sources import SourceStats, hash_file, iter_decoded_lines, resolve_specs
+from llmctl.data.sources import SkippedFiles, SourceStats, csv_rows, hash_file, iter_decoded_lines, resolve_specs
 from llmctl.data.tokenizer import eot_id, load_tokenizer, train_tokenizer
 from llmctl.errors import LlmctlError
 
@@ -91,50 +90,33 @@ def _label_string(value: object) -> str | None:
 def _csv_rows(
     lines: Iterator[tuple[int, str]], display: str, text_field: str, label_field: str, require_labels: bool, hint: str
 ) -> Iterator[LabelledRow]:
-    old_limit = csv.field_size_limit()
-    csv.field_size_limit(1 << 30)  # the default (128 KB) is below a long document
-    try:
-        reader = csv.reader(line for _, line in lines)  # reader.line_num counts the same lines
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise LlmctlError(
-                    f"{display}: empty; a labelled CSV starts with a header row naming its columns, e.g. text,label."
-                )
-            header = [name.strip() for name in header]
-            columns = ", ".join(header) or "none"
-            if text_field not in header:
-                raise LlmctlError(
-                    f"{display}:1: no text column {text_field!r} (columns: {columns}); "
-                    f"{_fix(hint, 'field', 'the column that holds the texts')}."
-                )
-            has_labels = label_field in header
-            if require_labels and not has_labels:
-                raise LlmctlError(
-                    f"{display}:1: no label column {label_field!r} (columns: {columns}); "
-                    f"{_fix(hint, 'label_field', 'the column that holds the labels')}."
-                )
-            text_at = header.index(text_field)
-            label_at = header.index(label_field) if has_labels else None
-            line_before = reader.line_num
-            for row in reader:
-                line = line_before + 1  # the row's first line (a quoted cell may span several)
-                line_before = reader.line_num
-                if not row:
-                    continue  # a blank line
-                if len(row) != len(header):
-                    raise LlmctlError(
-                        f"{display}:{line}: {len(row)} field(s) where the header has {len(header)} ({columns}); "
-                        'a text holding the delimiter (,) must be quoted, e.g. "good, not great",positive.'
-                    )
-                label = _label_string(row[label_at]) if label_at is not None else None
-                if require_labels and label is None:
-                    raise LlmctlError(f"{display}:{line}: the label ({label_field!r}) is empty; every row needs one.")
-                yield LabelledRow(row[text_at], label, line)
-        except csv.Error as e:
-            raise LlmctlError(f"{display}:{reader.line_num}: not valid CSV ({e}).") from None
-    finally:
-        csv.field_size_limit(old_limit)
+    rows = csv_rows((line for _, line in lines), display)  # strict: ragged rows and open quotes are refused
+    first = next(rows, None)
+    if first is None:
+        raise LlmctlError(f"{display}: empty; a labelled CSV starts with a header row naming its columns, e.g. text,label.")
+    header = [name.strip() for name in first[1]]
+    columns = ", ".join(header) or "none"
+    if text_field not in header:
+        raise LlmctlError(
+            f"{display}:1: no text column {text_field!r} (columns: {columns}); "
+            f"{_fix(hint, 'field', 'the column that holds the texts')}."
+        )
+    has_labels = label_field in header
+    if require_labels and not has_labels:
+        raise LlmctlError(
+            f"{display}:1: no label column {label_field!r} (columns: {columns}); "
+            f"{_fix(hint, 'label_field', 'the column that holds the labels')}."
+        )
+    for name in {text_field, label_field} & set(header):
+        if header.count(name) > 1:
+            raise LlmctlError(f"{display}:1: the column {name!r} is named twice (columns: {columns}); rename one of them.")
+    text_at = header.index(text_field)
+    label_at = header.index(label_field) if has_labels else None
+    for line, row in rows:
+        label = _label_string(row[label_at]) if label_at is not None else None
+        if require_labels and label is None:
+            raise LlmctlError(f"{display}:{line}: the label ({label_field!r}) is empty; every row needs one.")
+        yield LabelledRow(row[text_at], label, line)
 
 
 def _jsonl_rows(
@@ -475,9 +457,10 @@ def prepare_classification(
     from llmctl.data.prepare import PrepareResult, _refuse_changed_inputs, _refuse_unsafe_out_dir
 
     out = DatasetDir(Path(out_dir))
-    files = [p for p, _, _ in resolve_specs(data.sources)]
-    val_files = [p for p, _, _ in resolve_specs(data.val_sources, "data.val_sources")] if data.val_sources else []
-    _refuse_unsafe_out_dir(out, files + val_files)
+    skipped = SkippedFiles()
+    files = [p for p, _, _ in resolve_specs(data.sources, skipped=skipped)]
+    val_files = [p for p, _, _ in resolve_specs(data.val_sources, "data.val_sources", skipped)] if data.val_sources else []
+    _refuse_unsafe_out_dir(out, files + val_files, [*data.sources, *(data.val_sources or [])])
     inputs = [hash_file(p) for p in files]
     val_inputs = [hash_file(p) for p in val_files]
     reused = Path(data.tokenizer) if data.tokenizer else None
@@ -517,8 +500,7 @@ def prepare_classification(
                 "at least 2 rows); add rows, or give labelled val files in data.val_sources."
             )
 
-    stage = staging_dir(out.path)
-    try:
+    with staged_dir(out.path, f"the dataset dir {out.path}") as stage:
         if reused is not None:
             tok = load_tokenizer(reused)
             shutil.copyfile(reused, stage / "tokenizer.json")
@@ -566,7 +548,7 @@ def prepare_classification(
             "special_tokens": list(data.special_tokens),
             "splits": splits,
             "split": split_kind,
-            "sources": _sources_record(inputs, len(rows.texts), stats),
+            "sources": {**_sources_record(inputs, len(rows.texts), stats), "skipped_files": skipped.to_dict()},
             "val_sources": _sources_record(val_inputs, len(val.texts), val_stats) if data.val_sources else None,
             "tokenizer": {"trained": reused is None, "source": str(reused) if reused else None,
                           "sha256": tokenizer_sha},
@@ -577,8 +559,4 @@ def prepare_classification(
             "llmctl_version": __version__,
         }
         write_json_atomic(stage / "meta.json", meta)
-        replace_dir_atomic(stage, out.path)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return PrepareResult(out.path, {"format_version": FORMAT_VERSION, **meta}, skipped=False)

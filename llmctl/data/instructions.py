@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from llmctl import __version__
-from llmctl.artifacts import FORMAT_VERSION, DatasetDir, read_json_artifact, replace_dir_atomic, staging_dir, write_json_atomic
+from llmctl.artifacts import FORMAT_VERSION, DatasetDir, read_json_artifact, staged_dir, write_json_atomic
 from llmctl.errors import LlmctlError
 
 # Bump when a change here would make the same inputs give different files.
@@ -444,12 +444,13 @@ def prepare_instructions(data: Any, out_dir: Path, *, seed: int, force: bool = F
     knows it), else one trained on the rendered train conversations. Returns a data.prepare.PrepareResult.
     """
     from llmctl.data.prepare import PrepareResult, _refuse_changed_inputs, _refuse_unsafe_out_dir, unigram_perplexity
-    from llmctl.data.sources import SourceStats, hash_file, resolve_source_files
+    from llmctl.data.sources import SkippedFiles, SourceStats, hash_file, resolve_source_files
     from llmctl.data.tokenizer import load_tokenizer, token_dtype, train_tokenizer
 
     out = DatasetDir(Path(out_dir))
-    files = [p for p, _, _ in resolve_source_files(data)]
-    _refuse_unsafe_out_dir(out, files)
+    skipped = SkippedFiles()
+    files = [p for p, _, _ in resolve_source_files(data, skipped)]
+    _refuse_unsafe_out_dir(out, files, data.sources)
     inputs = [hash_file(p) for p in files]
     reused = Path(data.tokenizer) if data.tokenizer else None
     if reused is None and init_from and (Path(init_from) / "tokenizer.json").is_file():
@@ -482,8 +483,7 @@ def prepare_instructions(data: Any, out_dir: Path, *, seed: int, force: bool = F
             raise LlmctlError(f"{conversation.where}: {e}.") from None
     train_at, val_at, split_kind = _split_conversations(conversations, seed, data.val_fraction)
 
-    stage = staging_dir(out.path)
-    try:
+    with staged_dir(out.path, f"the dataset dir {out.path}") as stage:
         if reused is not None:
             tok = load_tokenizer(reused)
             if tok.token_to_id(eos) is None:
@@ -544,6 +544,7 @@ def prepare_instructions(data: Any, out_dir: Path, *, seed: int, force: bool = F
                 "documents": stats.documents,
                 "sha256": hashlib.sha256("".join(f["sha256"] for f in inputs).encode()).hexdigest(),
                 "replaced_chars": stats.replaced_chars,
+                "skipped_files": skipped.to_dict(),
                 "list": inputs,
             },
             "tokenizer": {"trained": reused is None, "source": str(reused) if reused else None, "sha256": tokenizer_sha},
@@ -555,10 +556,6 @@ def prepare_instructions(data: Any, out_dir: Path, *, seed: int, force: bool = F
             "llmctl_version": __version__,
         }
         write_json_atomic(stage / "meta.json", meta)
-        replace_dir_atomic(stage, out.path)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return PrepareResult(out.path, {"format_version": FORMAT_VERSION, **meta}, skipped=False)
 
 

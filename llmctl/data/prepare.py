@@ -22,17 +22,18 @@ from typing import Callable, Iterator
 import numpy as np
 
 from llmctl import __version__
-from llmctl.artifacts import (
-    FORMAT_VERSION,
-    DatasetDir,
-    read_json_artifact,
-    replace_dir_atomic,
-    staging_dir,
-    write_json_atomic,
-)
-from llmctl.config.schema import DataConfig
+from llmctl.artifacts import FORMAT_VERSION, DatasetDir, read_json_artifact, staged_dir, write_json_atomic
+from llmctl.config.schema import DataConfig, SourceSpec
 from llmctl.data.shards import SPLITS, encode_to_shards
-from llmctl.data.sources import Document, SourceStats, hash_file, iter_documents, resolve_source_files, split_text
+from llmctl.data.sources import (
+    Document,
+    SkippedFiles,
+    SourceStats,
+    hash_file,
+    iter_documents,
+    resolve_source_files,
+    split_text,
+)
 from llmctl.data.tokenizer import eot_id, load_tokenizer, token_byte_lengths, token_dtype, train_tokenizer
 from llmctl.errors import EXIT_FAILURE, LlmctlError
 
@@ -114,8 +115,9 @@ def prepare_dataset(
 
         return prepare_instructions(data, out_dir, seed=seed, force=force, on_progress=on_progress, init_from=init_from)
     out = DatasetDir(Path(out_dir))
-    files = resolve_source_files(data)
-    _refuse_unsafe_out_dir(out, [p for p, _, _ in files])
+    skipped = SkippedFiles()
+    files = resolve_source_files(data, skipped)
+    _refuse_unsafe_out_dir(out, [p for p, _, _ in files], data.sources)
     inputs = [hash_file(p) for p, _, _ in files]
     reused = Path(data.tokenizer) if data.tokenizer else None
     tokenizer_sha = None
@@ -137,8 +139,7 @@ def prepare_dataset(
     if data.max_bytes is not None:
         estimate = min(estimate, data.max_bytes)
     split_of = document_split(seed, data.val_fraction)
-    stage = staging_dir(out.path)
-    try:
+    with staged_dir(out.path, f"the dataset dir {out.path}") as stage:
         if reused is not None:
             tok = load_tokenizer(reused)
             if tok.token_to_id(data.special_tokens[0]) is None:
@@ -185,6 +186,7 @@ def prepare_dataset(
                 "documents": stats.documents,
                 "sha256": hashlib.sha256("".join(f["sha256"] for f in inputs).encode()).hexdigest(),
                 "replaced_chars": stats.replaced_chars,
+                "skipped_files": skipped.to_dict(),
                 "list": inputs,
             },
             "tokenizer": {"trained": reused is None, "source": str(reused) if reused else None,
@@ -197,10 +199,6 @@ def prepare_dataset(
             "llmctl_version": __version__,
         }
         write_json_atomic(stage / "meta.json", meta)
-        replace_dir_atomic(stage, out.path)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return PrepareResult(out.path, {"format_version": FORMAT_VERSION, **meta}, skipped=False)
 
 
@@ -237,7 +235,9 @@ def _train(data: DataConfig, split_of: Callable[[Document], str], report: Progre
     return tok, stats.bytes
 
 
-def _refuse_unsafe_out_dir(out: DatasetDir, sources: list[Path]) -> None:
+def _refuse_unsafe_out_dir(out: DatasetDir, sources: list[Path], specs: list[SourceSpec] = ()) -> None:
+    """Refuse a data.dir that is a file, another kind of directory, holds a source, or lies inside a
+    directory source (the next prepare would read its own output)."""
     # replace_dir_atomic deletes whatever was at out_dir: only ever an earlier dataset dir.
     if out.path.exists():
         if not out.path.is_dir():
@@ -253,6 +253,13 @@ def _refuse_unsafe_out_dir(out: DatasetDir, sources: list[Path]) -> None:
             raise LlmctlError(
                 f"{p}: a source inside the dataset dir {out.path}, which prepare replaces; "
                 "move the source or set data.dir elsewhere."
+            )
+    for i, spec in enumerate(specs):
+        folder = Path(spec.path)
+        if not spec.path.startswith("builtin:") and folder.is_dir() and folder.resolve() in root.parents:
+            raise LlmctlError(
+                f"data.dir {out.path}: inside the directory source data.sources[{i}] {spec.path!r}, so the next prepare "
+                "would read its own output; set data.dir outside it."
             )
 
 

@@ -19,7 +19,7 @@ import sysconfig
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from llmctl.config.schema import DataConfig, SourceSpec
 from llmctl.errors import LlmctlError
@@ -43,6 +43,20 @@ class Document:
     text: str
     source: str
     continues: bool = False
+
+
+@dataclass
+class SkippedFiles:
+    """What directory sources left out: binary files (a NUL byte in their first block, as git and grep
+    judge), hidden files, and directories never entered (bytecode caches, version control, hidden ones)."""
+
+    binary_files: int = 0
+    hidden_files: int = 0
+    dirs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"binary_files": self.binary_files, "hidden_files": self.hidden_files, "dirs": len(self.dirs),
+                "dir_names": sorted(set(Path(d).name for d in self.dirs))}
 
 
 @dataclass
@@ -131,11 +145,12 @@ codecs.register_error(_COUNTING_REPLACE, _count_and_replace)
 class _InputFile:
     """An open input file that hashes every byte read and decodes UTF-8 reporting file byte offsets."""
 
-    def __init__(self, path: Path, display: str, replace: bool, stats: SourceStats):
+    def __init__(self, path: Path, display: str, replace: bool, stats: SourceStats, hint: str = _REPLACE_HINT):
         self.path = path
         self.display = display
         self.replace = replace
         self.stats = stats
+        self.hint = hint
         self.sha = hashlib.sha256()
         self.size = 0
         try:
@@ -169,7 +184,7 @@ class _InputFile:
             text = self.decoder.decode(raw, final)
         except UnicodeDecodeError as e:
             at = offset - pending + e.start
-            raise LlmctlError(f"{self.display}: not UTF-8 at byte {at} ({_REPLACE_HINT}).") from None
+            raise LlmctlError(f"{self.display}: not UTF-8 at byte {at} ({self.hint}).") from None
         self.stats.replaced_chars += getattr(_counter, "n", 0) - before
         return text
 
@@ -180,7 +195,7 @@ class _InputFile:
         except UnicodeDecodeError as e:
             if not self.replace:
                 raise LlmctlError(
-                    f"{self.display}:{lineno}: not UTF-8 at byte {offset + e.start} ({_REPLACE_HINT})."
+                    f"{self.display}:{lineno}: not UTF-8 at byte {offset + e.start} ({self.hint})."
                 ) from None
         before = getattr(_counter, "n", 0)
         text = raw.decode("utf-8", _COUNTING_REPLACE)
@@ -206,22 +221,50 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _walk_files(root: Path, keep_dir, keep_file) -> list[Path]:
-    """Regular files below `root`, sorted, descending only into directories `keep_dir` accepts."""
+def _walk_files(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str], bool],
+                skipped: SkippedFiles | None = None) -> list[Path]:
+    """Regular files below `root`, sorted, descending only into directories `keep_dir` accepts; what is
+    left out is counted in `skipped`."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
+        if skipped is not None:
+            skipped.dirs += [os.path.join(dirpath, d) for d in dirnames if not keep_dir(d)]
         dirnames[:] = sorted(d for d in dirnames if keep_dir(d))
         found.extend(Path(dirpath) / n for n in filenames if keep_file(n))
+        if skipped is not None:
+            skipped.hidden_files += sum(not keep_file(n) for n in filenames)
     return sorted(p for p in found if p.is_file())
+
+
+# Never read from a directory source: bytecode caches and version-control metadata (.git, .hg and
+# .svn are hidden, and every hidden name is skipped too).
+_SKIPPED_DIRS = {"__pycache__", "CVS", "RCS", "SCCS", "_darcs"}
+# A file with a NUL byte in its first block is binary (git's and grep's test).
+_SNIFF_BYTES = 8192
+
+
+def _is_binary(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"\0" in f.read(_SNIFF_BYTES)
+    except OSError:
+        return False  # reading it later reports the problem with its name
 
 
 def _stdlib_files() -> list[Path]:
     # site-packages can live inside the stdlib folder: third-party code is not the stdlib.
-    return _walk_files(stdlib_root(), lambda d: d != "site-packages", lambda n: n.endswith(".py"))
+    return _walk_files(stdlib_root(), lambda d: d not in ("site-packages", "__pycache__"), lambda n: n.endswith(".py"))
 
 
-def _dir_files(root: Path) -> list[Path]:
-    return _walk_files(root, lambda d: not d.startswith("."), lambda n: not n.startswith("."))
+def _dir_files(root: Path, skipped: SkippedFiles | None = None) -> list[Path]:
+    """The text files below a directory source: hidden names, bytecode caches, version control and binary
+    files (such as .pyc, images, archives) are left out, and counted in `skipped`."""
+    files = _walk_files(root, lambda d: not d.startswith(".") and d not in _SKIPPED_DIRS,
+                        lambda n: not n.startswith("."), skipped)
+    text = [p for p in files if not _is_binary(p)]
+    if skipped is not None:
+        skipped.binary_files += len(files) - len(text)
+    return text
 
 
 def _format_of(spec: SourceSpec, path: Path) -> str:
@@ -235,7 +278,8 @@ def sentiment_path() -> Path:
     return Path(__file__).with_name("sentiment.csv")
 
 
-def _expand(spec: SourceSpec, index: int, key: str = "data.sources") -> tuple[str, list[Path]]:
+def _expand(spec: SourceSpec, index: int, key: str = "data.sources",
+            skipped: SkippedFiles | None = None) -> tuple[str, list[Path]]:
     """(kind, files) for one source: kind is "stdlib", "sentiment", "file", "dir" or "glob"."""
     where = f"{key}[{index}] {spec.path!r}"
     if spec.path == STDLIB:
@@ -259,9 +303,10 @@ def _expand(spec: SourceSpec, index: int, key: str = "data.sources") -> tuple[st
         return "glob", files
     path = Path(spec.path)
     if path.is_dir():
-        files = _dir_files(path)
+        files = _dir_files(path, skipped)
         if not files:
-            raise LlmctlError(f"{where}: the directory holds no files (hidden files are skipped).")
+            raise LlmctlError(f"{where}: the directory holds no text files (hidden names, __pycache__, version "
+                              "control and binary files are skipped).")
         return "dir", files
     if path.is_file():
         return "file", [path]
@@ -271,10 +316,11 @@ def _expand(spec: SourceSpec, index: int, key: str = "data.sources") -> tuple[st
 _BUILTIN_FORMAT = {"stdlib": "text", "sentiment": "csv"}
 
 
-def _resolve_specs(specs: list[SourceSpec], key: str = "data.sources") -> list[tuple[int, str, list[tuple[Path, str]]]]:
+def _resolve_specs(specs: list[SourceSpec], key: str = "data.sources",
+                   skipped: SkippedFiles | None = None) -> list[tuple[int, str, list[tuple[Path, str]]]]:
     resolved = []
     for i, spec in enumerate(specs):
-        kind, files = _expand(spec, i, key)
+        kind, files = _expand(spec, i, key, skipped)
         fmt = _BUILTIN_FORMAT.get(kind)
         resolved.append((i, kind, [(p, fmt or _format_of(spec, p)) for p in files]))
     return resolved
@@ -284,22 +330,26 @@ def _resolve(data: DataConfig) -> list[tuple[int, str, list[tuple[Path, str]]]]:
     return _resolve_specs(data.sources)
 
 
-def resolve_source_files(data: DataConfig) -> list[tuple[Path, str, SourceSpec]]:
-    """Every input file in reading order as (path, format text|jsonl|csv, its source spec).
+def resolve_source_files(data: DataConfig, skipped: SkippedFiles | None = None) -> list[tuple[Path, str, SourceSpec]]:
+    """Every input file in reading order as (path, format text|jsonl|csv, its source spec); what
+    directory sources leave out is counted in `skipped`.
 
     Raises LlmctlError naming the source when a path, glob or directory gives no files.
     """
     return [
-        (path, fmt, data.sources[i]) for i, _kind, files in _resolve(data) for path, fmt in files
+        (path, fmt, data.sources[i]) for i, _kind, files in _resolve_specs(data.sources, skipped=skipped)
+        for path, fmt in files
     ]
 
 
-def resolve_specs(specs: list[SourceSpec], key: str = "data.sources") -> list[tuple[Path, str, int]]:
+def resolve_specs(specs: list[SourceSpec], key: str = "data.sources",
+                  skipped: SkippedFiles | None = None) -> list[tuple[Path, str, int]]:
     """Every file of `specs` in reading order as (path, format text|jsonl|csv, index of its spec).
 
-    `key` names the list in error messages (data.sources, data.val_sources).
+    `key` names the list in error messages (data.sources, data.val_sources); what directory sources
+    leave out is counted in `skipped`.
     """
-    return [(path, fmt, i) for i, _kind, files in _resolve_specs(specs, key) for path, fmt in files]
+    return [(path, fmt, i) for i, _kind, files in _resolve_specs(specs, key, skipped) for path, fmt in files]
 
 
 def hash_file(path: Path) -> dict:
@@ -422,35 +472,69 @@ def _valid_unicode(text: str, src: _InputFile, lineno: int) -> str:
     return "".join(fixed)
 
 
+_QUOTING_HINT = 'a field holding a comma or a line break must be quoted, e.g. "good, not great"'
+
+
+def csv_rows(lines: Iterable[str], display: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number from 1, fields) of every row of a CSV file, the header row first, blank lines skipped.
+
+    Strict: a row whose field count is not the header's, a quote never closed (which would make the
+    rest of the file one field) and any other malformed quoting are LlmctlErrors naming the physical
+    line: the row's first line (a quoted field may span several), or the line a quoting error is on.
+    """
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(1 << 30)  # the default (128 KB) is far below a long document
+    try:
+        reader = csv.reader(lines, strict=True)  # reader.line_num counts the physical lines read
+        header: list[str] | None = None
+        line_before = 0
+        try:
+            for row in reader:
+                line = line_before + 1  # the row's first line
+                line_before = reader.line_num
+                if not row:
+                    continue
+                if header is None:
+                    header = row
+                elif len(row) != len(header):
+                    raise LlmctlError(
+                        f"{display}:{line}: {len(row)} field(s) where the header has {len(header)} "
+                        f"({', '.join(name.strip() for name in header)}); {_QUOTING_HINT}."
+                    )
+                yield line, row
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise LlmctlError(
+                    f"{display}:{line_before + 1}: a quote opened on this line is never closed, so the rest of the file "
+                    'would be one field; close it (a quote inside a quoted field is written twice: "").'
+                ) from None
+            raise LlmctlError(f"{display}:{reader.line_num}: not valid CSV ({e}); {_QUOTING_HINT}.") from None
+    finally:
+        csv.field_size_limit(old_limit)
+
+
 def _csv_documents(src: _InputFile, key: str, column: str) -> Iterator[Document]:
     def text_lines() -> Iterator[str]:
         for lineno, offset, raw in src.lines():
             line = src.decode_line(raw, lineno, offset)
             yield line.removeprefix("\ufeff") if lineno == 1 else line
 
-    old_limit = csv.field_size_limit()
-    csv.field_size_limit(1 << 30)  # the default (128 KB) is far below a long document
-    try:
-        reader = csv.DictReader(text_lines())
-        try:
-            header = reader.fieldnames
-            if header is None:
-                return
-            if column not in header:
-                raise LlmctlError(
-                    f"{src.display}: no column {column!r} (columns: {', '.join(header) or 'none'}); "
-                    "set the source's field: to the column that holds the text."
-                )
-            line_before = reader.line_num
-            for row in reader:
-                text = row.get(column)
-                if text:
-                    yield Document(f"{key}:{line_before + 1}", text, src.display)
-                line_before = reader.line_num
-        except csv.Error as e:
-            raise LlmctlError(f"{src.display}:{reader.line_num}: not valid CSV ({e}).") from None
-    finally:
-        csv.field_size_limit(old_limit)
+    rows = csv_rows(text_lines(), src.display)
+    first = next(rows, None)
+    if first is None:
+        return
+    header = [name.strip() for name in first[1]]
+    if column not in header:
+        raise LlmctlError(
+            f"{src.display}: no column {column!r} (columns: {', '.join(header) or 'none'}); "
+            "set the source's field: to the column that holds the text."
+        )
+    if header.count(column) > 1:
+        raise LlmctlError(f"{src.display}:1: the column {column!r} is named twice; rename one of them.")
+    at = header.index(column)
+    for line, row in rows:
+        if row[at]:
+            yield Document(f"{key}:{line}", row[at], src.display)
 
 
 def _documents_of(src: _InputFile, fmt: str, key: str, spec: SourceSpec) -> Iterator[Document]:
@@ -459,6 +543,16 @@ def _documents_of(src: _InputFile, fmt: str, key: str, spec: SourceSpec) -> Iter
     if fmt == "csv":
         return _csv_documents(src, key, spec.field)
     return _text_documents(src, key)
+
+
+def _glob_hint(source: str, kind: str) -> str:
+    """What to do about bytes that are not UTF-8; for a file a directory or glob picked, also how to
+    pick only the text files."""
+    if kind == "dir":
+        return f'{_REPLACE_HINT}, or read only the text files with a glob, e.g. data.sources=["{source.rstrip("/")}/**/*.py"]'
+    if kind == "glob":
+        return f'{_REPLACE_HINT}, or narrow the glob to the text files, e.g. **/*.py'
+    return _REPLACE_HINT
 
 
 def _utf8_len(text: str) -> int:
@@ -479,6 +573,7 @@ def iter_documents(data: DataConfig, stats: SourceStats) -> Iterator[Document]:
     root = stdlib_root()
     for index, kind, files in _resolve(data):
         spec = data.sources[index]
+        hint = _glob_hint(spec.path, kind)
         source_had_text = False
         for path, fmt in files:
             replace = kind == "stdlib" or data.encoding_errors == "replace"
@@ -486,7 +581,7 @@ def iter_documents(data: DataConfig, stats: SourceStats) -> Iterator[Document]:
                 display, key = str(path), "stdlib/" + path.relative_to(root).as_posix()
             else:
                 display = key = str(path)
-            src = _InputFile(path, display, replace, stats)
+            src = _InputFile(path, display, replace, stats, hint)
             stop = False
             file_had_text = False
             try:

@@ -109,6 +109,31 @@ def test_a_ragged_csv_row_names_its_line_and_the_field_counts():
         read_labelled_file("r.csv")
 
 
+def test_a_quote_left_open_names_the_line_it_opens_on_instead_of_swallowing_the_file():
+    rows = [f"review {i},{'pos' if i % 2 else 'neg'}" for i in range(40)]
+    rows[1] = '"an open quote,pos'  # line 3; the rest of the file would become one text
+    Path("r.csv").write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(LlmctlError, match=r"^r\.csv:3: a quote opened on this line is never closed"):
+        read_labelled_file("r.csv")
+    with pytest.raises(LlmctlError, match=r"^r\.csv:3: a quote opened"):
+        prepare_dataset(data(sources=["r.csv"]), Path("out"), seed=0)
+    assert not Path("out").exists()
+
+
+def test_a_ragged_row_with_more_fields_names_the_first_bad_line():
+    rows = [f"review {i},{'pos' if i % 2 else 'neg'},x" for i in range(40)]
+    rows[5], rows[6] = "a,b,c,d,e", "a,b"  # lines 7 and 8
+    Path("r.csv").write_text("text,label,note\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(LlmctlError, match=r"^r\.csv:7: 5 field\(s\) where the header has 3"):
+        prepare_dataset(data(sources=["r.csv"]), Path("out"), seed=0)
+
+
+def test_a_label_column_named_twice_is_refused():
+    Path("r.csv").write_text("text,label,label\ngood,pos,neg\n", encoding="utf-8")
+    with pytest.raises(LlmctlError, match=r"r\.csv:1: the column 'label' is named twice"):
+        read_labelled_file("r.csv")
+
+
 def test_a_malformed_json_line_names_its_line():
     Path("r.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": \n', encoding="utf-8")
     with pytest.raises(LlmctlError, match=r"r\.jsonl:2: not valid JSON"):

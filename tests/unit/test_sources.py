@@ -55,6 +55,37 @@ def test_csv_without_the_column_names_file_and_columns():
         read_all(sources=["t.csv"])
 
 
+def _ragged_csv() -> str:
+    lines = ["text,label,note"] + [f"row {i},pos,x" for i in range(2, 12)]
+    lines[6] = "a,b,c,d,e"  # line 7: 5 fields where the header has 3
+    lines[7] = "a,b"  # line 8: 2
+    return "\n".join(lines) + "\n"
+
+
+def test_csv_with_a_ragged_row_names_its_physical_line():
+    Path("t.csv").write_text(_ragged_csv())
+    with pytest.raises(LlmctlError, match=r"^t\.csv:7: 5 field\(s\) where the header has 3 \(text, label, note\)"):
+        read_all(sources=["t.csv"])
+
+
+def test_csv_with_a_quote_never_closed_names_the_line_it_opens_on():
+    Path("t.csv").write_text('text,label\nok,pos\n"open quote,neg\nmore,pos\nrest,neg\n')
+    with pytest.raises(LlmctlError, match=r"^t\.csv:3: a quote opened on this line is never closed"):
+        read_all(sources=["t.csv"])
+
+
+def test_csv_row_lines_count_the_lines_of_quoted_cells_before_them():
+    Path("t.csv").write_text('text,label\n"two\nlines",pos\nbad,row,here\n')
+    with pytest.raises(LlmctlError, match=r"^t\.csv:4: 3 field\(s\)"):
+        read_all(sources=["t.csv"])
+
+
+def test_csv_with_the_text_column_named_twice_is_refused():
+    Path("t.csv").write_text("text,text\na,b\n")
+    with pytest.raises(LlmctlError, match=r"t\.csv:1: the column 'text' is named twice"):
+        read_all(sources=["t.csv"])
+
+
 def test_glob_is_recursive_and_sorted():
     for name in ["b/2.txt", "a/1.txt", "a/deep/0.txt", "a/skip.md"]:
         Path(name).parent.mkdir(parents=True, exist_ok=True)
@@ -72,13 +103,35 @@ def test_directory_is_read_recursively_sorted_skipping_hidden():
     assert [(d.key, d.text) for d in docs] == [("c/a/b.jsonl:1", "j"), ("c/z.txt", "c/z.txt")]
 
 
+def test_directory_skips_bytecode_version_control_and_binary_files_and_counts_them():
+    Path("pkg/__pycache__").mkdir(parents=True)
+    Path("pkg/.git").mkdir()
+    Path("pkg/a.py").write_text("def a():\n    return 1\n")
+    Path("pkg/__pycache__/a.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\0\0\0\0code")
+    Path("pkg/.git/HEAD").write_text("ref: refs/heads/main\n")
+    Path("pkg/logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    skipped = sources.SkippedFiles()
+    files = resolve_source_files(DataConfig(sources=["pkg"]), skipped)
+    assert [p.as_posix() for p, _, _ in files] == ["pkg/a.py"]
+    assert skipped.to_dict() == {"binary_files": 1, "hidden_files": 0, "dirs": 2, "dir_names": [".git", "__pycache__"]}
+    docs, _ = read_all(sources=["pkg"])
+    assert [d.key for d in docs] == ["pkg/a.py"]
+
+
+def test_not_utf8_in_a_directory_source_suggests_a_glob_of_the_text_files():
+    Path("pkg").mkdir()
+    Path("pkg/latin1.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(LlmctlError, match=r'pkg/latin1\.txt: not UTF-8 at byte 3 .*data\.sources=\["pkg/\*\*/\*\.py"\]'):
+        read_all(sources=["pkg"])
+
+
 def test_missing_path_and_empty_glob_and_empty_dir_name_the_source():
     with pytest.raises(LlmctlError, match=r"data.sources\[0\] 'nope.txt': no such file"):
         read_all(sources=["nope.txt"])
     with pytest.raises(LlmctlError, match=r"data.sources\[0\] 'x/\*.txt': the glob matches no files"):
         read_all(sources=["x/*.txt"])
     Path("empty").mkdir()
-    with pytest.raises(LlmctlError, match=r"data.sources\[0\] 'empty': the directory holds no files"):
+    with pytest.raises(LlmctlError, match=r"data.sources\[0\] 'empty': the directory holds no text files"):
         read_all(sources=["empty"])
 
 
