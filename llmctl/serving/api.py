@@ -6,6 +6,11 @@ and refuses the other kind with a 400 that names the endpoint to use.
 Every refusal is OpenAI's error object with a 4xx status (bad input), 401 (API key), or 503 (loading,
 a full queue: with Retry-After). A client that goes away cancels its engine requests, so its batch
 slots are freed at the next decode step.
+
+The event loop only moves bytes: a request's body is capped while it streams in (413 past
+MAX_BODY_BYTES, whatever its framing), and parsing it, checking it and tokenizing its text run in a
+worker thread, on text already bounded by the context (prompts.py), so that one request never stalls
+the others, their streams or /health.
 """
 
 from __future__ import annotations
@@ -19,14 +24,17 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llmctl.serving.chat import ChatTemplate, ChatTemplateError
 from llmctl.serving.decoding import ChoicePiece, ChoiceStats, EngineFailure, StopStrings, choice_pieces
 from llmctl.serving.metrics import ServerMetrics
+from llmctl.serving.prompts import PromptEncoder
 from llmctl.serving.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -36,6 +44,7 @@ from llmctl.serving.protocol import (
     chat_logprobs,
     completion_logprobs,
     error_body,
+    parse_request,
     validation_error,
 )
 
@@ -43,6 +52,10 @@ from llmctl.serving.protocol import (
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/health", "/metrics")
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_BODY_BYTES = 16 * 2**20
+# Commas and colons in a body: a bound on its JSON values. Parsing and validating holds the GIL, ~1 s for
+# the ~8M values 16 MiB can spell ("[1,1,...]", 2 cores), stalling the event loop from any thread; at
+# this bound it is ~0.1 s. No request that fits a context needs so many (token ids: one per token).
+MAX_BODY_SEPARATORS = 2**19
 RETRY_AFTER_QUEUE_FULL_S = 1
 RETRY_AFTER_LOADING_S = 2
 # Server-sent events per second, all streams together, before a stream's tokens are grouped into fewer
@@ -72,6 +85,10 @@ class ServingState:
     failure: str | None = None
     open_streams: int = 0  # choices being streamed now
     created: int = field(default_factory=lambda: int(time.time()))
+    prompts: PromptEncoder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompts = PromptEncoder(self.tokenizer, self.context_length)
 
     def require_engine(self) -> Any:
         if self.status == "ready" and self.engine is not None:
@@ -143,49 +160,103 @@ def create_app(state: ServingState) -> FastAPI:
         _check_model(state, model_id)
         return model_card()
 
-    def serves(task: str, endpoint: str) -> Any:
-        """A route dependency refusing the other kind of model; it runs before the body is validated, so a
-        request meant for the other kind gets this 400, not one about its fields."""
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(state, request, "/v1/completions")
 
-        async def check() -> None:
-            _require_task(state, task, endpoint)
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(state, request, "/v1/chat/completions")
 
-        return Depends(check)
-
-    @app.post("/v1/completions", dependencies=[serves("generation", "/v1/completions")])
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> Response:
         arrived = time.perf_counter()
-        engine = state.require_engine()
-        _check_request(state, body)
-        prompts = [_prompt_ids(state, p) for p in _prompt_list(body.prompt)]
-        job = _Job(state, engine, body, prompts, chat=False, logprobs=body.logprobs, param="prompt", arrived=arrived)
-        return await job.respond(request)
-
-    @app.post("/v1/chat/completions", dependencies=[serves("generation", "/v1/chat/completions")])
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        arrived = time.perf_counter()
-        engine = state.require_engine()
-        _check_request(state, body)
-        try:
-            text = state.chat_template.render([m.as_template_input() for m in body.messages])
-        except ChatTemplateError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        prompt = _prompt_ids(state, text)
-        job = _Job(state, engine, body, [prompt], chat=True, logprobs=body.engine_logprobs(), param="messages",
-                   arrived=arrived)
-        return await job.respond(request)
-
-    @app.post("/v1/classify", dependencies=[serves("classification", "/v1/classify")])
-    async def classify(body: ClassificationRequest, request: Request) -> Response:
-        arrived = time.perf_counter()
-        runner = state.require_engine()
-        _check_request(state, body)
-        return await _classify(state, runner, body, request, arrived)
+        _require_task(state, "classification", "/v1/classify")
+        raw = await _body(request)
+        if raw is None:  # the client went away, or the body passed the cap (answered 413)
+            return Response(status_code=499)
+        runner, texts, ids, lengths = await run_in_threadpool(_prepare_classify, state, raw,
+                                                              request.headers.get("content-type"))
+        return await _classify(state, runner, texts, ids, lengths, request, arrived)
 
     return app
 
 
-# --------------------------------------------------------------------------- request checks
+# --------------------------------------------------------------------------- reading and checking a request
+
+
+async def _body(request: Request) -> bytes | None:
+    """The request's body (capped by _Gatekeeper), or None if the client went away or the cap refused it."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        return None
+
+
+async def _generate(state: ServingState, request: Request, endpoint: str) -> Response:
+    """/v1/completions or /v1/chat/completions: the body read on the event loop, parsed, checked and
+    tokenized in a worker thread, then generated and answered on the event loop."""
+    arrived = time.perf_counter()
+    _require_task(state, "generation", endpoint)
+    raw = await _body(request)
+    if raw is None:
+        return Response(status_code=499)
+    prepare = _prepare_chat if endpoint == "/v1/chat/completions" else _prepare_completion
+    job = await run_in_threadpool(prepare, state, raw, request.headers.get("content-type"), arrived)
+    return await job.respond(request)
+
+
+def _prepare_completion(state: ServingState, raw: bytes, content_type: str | None, arrived: float) -> "_Job":
+    """A /v1/completions body as a job ready to submit (worker thread); ApiError for a bad request."""
+    body = parse_request(raw, content_type, CompletionRequest, before=lambda data: _refuse_oversized_lists(state, data))
+    engine = state.require_engine()
+    _check_request(state, body)
+    prompts = [_prompt_ids(state, p, where) for where, p in _prompt_list(body.prompt)]
+    return _Job(state, engine, body, prompts, chat=False, logprobs=body.logprobs, param="prompt", arrived=arrived)
+
+
+def _prepare_chat(state: ServingState, raw: bytes, content_type: str | None, arrived: float) -> "_Job":
+    """A /v1/chat/completions body as a job ready to submit (worker thread); ApiError for a bad request."""
+    body = parse_request(raw, content_type, ChatCompletionRequest, before=lambda data: _refuse_oversized_lists(state, data))
+    engine = state.require_engine()
+    _check_request(state, body)
+    try:
+        prompt = state.prompts.chat_ids(state.chat_template, [m.as_template_input() for m in body.messages])
+    except ChatTemplateError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    return _Job(state, engine, body, [prompt or [state.eot_id]], chat=True, logprobs=body.engine_logprobs(),
+                param="messages", arrived=arrived)
+
+
+def _prepare_classify(state: ServingState, raw: bytes, content_type: str | None) -> tuple[Any, list[str], Any, Any]:
+    """A /v1/classify body's runner, texts, and their token ids and lengths (worker thread); ApiError if bad."""
+    from llmctl.errors import LlmctlError
+
+    body = parse_request(raw, content_type, ClassificationRequest)
+    runner = state.require_engine()
+    _check_request(state, body)
+    texts = body.texts()
+    try:
+        ids, lengths = state.classifier.encode(state.prompts.plain, texts)
+    except LlmctlError as e:  # a text the tokenizer reads as no tokens at all
+        raise ApiError(400, f"input: {e.message}", param="input") from None
+    return runner, texts, ids, lengths
+
+
+def _refuse_oversized_lists(state: ServingState, data: dict[str, Any]) -> None:
+    """Refuse a prompt or message list too long to fit the context before validating each item (for
+    millions of items, that alone would hold the GIL for seconds): every prompt needs a token of the
+    context, every token id is one, and a message renders to one at least."""
+    limit = state.context_length
+    prompt, messages = data.get("prompt"), data.get("messages")
+    if isinstance(prompt, list):
+        longest = max([len(prompt)] + [len(p) for p in prompt[: limit + 1] if isinstance(p, list)])
+        if longest > limit:
+            raise ApiError(400, f"prompt: a list of {longest:,} items cannot fit this model's context of {limit} tokens.",
+                           param="prompt", code="context_length_exceeded")
+    if isinstance(messages, list) and len(messages) > limit:
+        raise ApiError(400, f"messages: {len(messages):,} messages cannot fit this model's context of {limit} tokens.",
+                       param="messages", code="context_length_exceeded")
 
 
 def _check_model(state: ServingState, model: str | None) -> None:
@@ -218,18 +289,16 @@ def _check_request(state: ServingState, body: Any) -> None:
                        param="max_tokens", code="max_tokens_exceeded")
 
 
-def _prompt_list(prompt: Any) -> list[str | list[int]]:
-    """OpenAI's four prompt forms as a list of prompts (each text or token ids)."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [prompt]
-    return list(prompt)
+def _prompt_list(prompt: Any) -> list[tuple[str, str | list[int]]]:
+    """OpenAI's four prompt forms as a list of (where, prompt): each text or token ids, and its field."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+        return [("prompt", prompt)]
+    return [(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
 
 
-def _prompt_ids(state: ServingState, prompt: str | list[int]) -> list[int]:
+def _prompt_ids(state: ServingState, prompt: str | list[int], where: str) -> list[int]:
     if isinstance(prompt, str):
-        ids = state.tokenizer.encode(prompt, add_special_tokens=False).ids
+        ids = state.prompts.text_ids(prompt, where)
     else:
         bad = [i for i in prompt if not 0 <= i < state.vocab_size]
         if bad:
@@ -243,20 +312,12 @@ def _prompt_ids(state: ServingState, prompt: str | list[int]) -> list[int]:
 # --------------------------------------------------------------------------- one request's classification
 
 
-async def _classify(state: ServingState, runner: Any, body: ClassificationRequest, request: Request,
+async def _classify(state: ServingState, runner: Any, texts: list[str], ids: Any, lengths: Any, request: Request,
                     arrived: float) -> Response:
-    """Encode the texts (off the event loop), queue them for the classifier's thread, answer labels and
-    probabilities in input order."""
-    from starlette.concurrency import run_in_threadpool
-
-    from llmctl.errors import LlmctlError
+    """Queue encoded texts for the classifier's thread, answer labels and probabilities in input order."""
     from llmctl.serving.classify import QueueFull, RunnerStopped
 
-    spec, texts = state.classifier, body.texts()
-    try:
-        ids, lengths = await run_in_threadpool(spec.encode, state.tokenizer, texts)
-    except LlmctlError as e:  # a text the tokenizer reads as no tokens at all
-        raise ApiError(400, f"input: {e.message}", param="input") from None
+    spec = state.classifier
     try:
         future = runner.submit(ids, lengths)
     except QueueFull:
@@ -570,8 +631,10 @@ def _json_for_curl(scope: Any) -> Any:
 
 
 class _Gatekeeper:
-    """ASGI middleware: counts every answer by endpoint and status, requires the API key on /v1/*, and
-    refuses bodies over MAX_BODY_BYTES (by Content-Length)."""
+    """ASGI middleware: counts every answer by endpoint and status, requires the API key on /v1/* (before
+    any of the body is read), and caps the body at MAX_BODY_BYTES and MAX_BODY_SEPARATORS whatever its
+    framing: a Content-Length over the cap is refused before reading, any other body as soon as what
+    was read passes a cap."""
 
     def __init__(self, app: Any, state: ServingState):
         self.app, self.state = app, state
@@ -596,7 +659,8 @@ class _Gatekeeper:
             if refusal is not None:
                 await refusal(scope, receive, counting_send)
             else:
-                await self.app(scope, receive, counting_send)
+                capped = _CappedBody(receive, counting_send, MAX_BODY_BYTES, MAX_BODY_SEPARATORS)
+                await self.app(scope, capped.receive, capped.send)
         finally:
             self.state.metrics.requests.labels(endpoint, str(status[0])).inc()
 
@@ -612,9 +676,61 @@ class _Gatekeeper:
                 return _error_response(401, "incorrect API key.", "invalid_api_key")
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return JSONResponse(error_body(f"the body is over {MAX_BODY_BYTES // 2**20} MiB.", code="body_too_large"),
-                                status_code=413)
+            return _body_too_large(MAX_BODY_BYTES)
         return None
+
+
+class _CappedBody:
+    """The app's receive and send for one request, counting the body's bytes and JSON separators as the
+    app reads them. Once either passes its cap, the client is answered 413 (the connection then closes,
+    so the rest is never read) and the app is told the client went away; what it would still send is
+    dropped."""
+
+    def __init__(self, receive: Any, send: Any, max_bytes: int, max_separators: int):
+        self._receive, self._send = receive, send
+        self.max_bytes, self.max_separators = max_bytes, max_separators
+        self.received = self.separators = 0
+        self.refused = False
+        self._started = False
+
+    async def receive(self) -> dict:
+        if self.refused:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            self.received += len(chunk)
+            self.separators += chunk.count(b",") + chunk.count(b":")
+            if self.received > self.max_bytes or self.separators > self.max_separators:
+                await self._refuse()
+                return {"type": "http.disconnect"}
+        return message
+
+    async def _refuse(self) -> None:
+        self.refused = True
+        if self._started:
+            return
+        if self.received > self.max_bytes:
+            response = _body_too_large(self.max_bytes)
+        else:
+            response = JSONResponse(error_body(
+                f"the body holds more than {self.max_separators:,} JSON values (commas and colons); no request this "
+                "server takes needs that many: send fewer prompts per request.", code="body_too_large"),
+                status_code=413, headers={"Connection": "close"})
+        await response({"type": "http"}, self._receive, self._send)
+
+    async def send(self, message: dict) -> None:
+        if self.refused:
+            return
+        if message["type"] == "http.response.start":
+            self._started = True
+        await self._send(message)
+
+
+def _body_too_large(max_bytes: int) -> JSONResponse:
+    return JSONResponse(error_body(f"the body is over {max_bytes / 2**20:g} MiB ({max_bytes:,} bytes); send less.",
+                                   code="body_too_large"),
+                        status_code=413, headers={"Connection": "close"})
 
 
 def _error_response(status: int, message: str, code: str) -> JSONResponse:

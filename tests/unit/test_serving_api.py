@@ -455,6 +455,330 @@ def test_metrics_count_requests_by_endpoint_and_status_and_tokens(serve) -> None
     assert _sample(client.get("/metrics").text, "llmctl_requests_total", endpoint="other", status="404") == 1
 
 
+# --------------------------------------------------------------------------- bodies: the cap, the context, threads
+
+
+def call_asgi(app: Any, chunks: Any, headers: dict[str, str], path: str = "/v1/completions") -> tuple[int, dict, int]:
+    """One POST through the ASGI app with its body pulled from `chunks` (bytes, made only as the app reads,
+    with no Content-Length unless `headers` give one, as a chunked body arrives): (status, JSON body, chunks read)."""
+    pulled = 0
+    sent: list[dict] = []
+    done = False
+
+    async def receive() -> dict:
+        nonlocal pulled, done
+        if not done:
+            chunk = next(chunks, None)
+            if chunk is not None:
+                pulled += 1
+                return {"type": "http.request", "body": chunk, "more_body": True}
+            done = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert len(starts) == 1, sent
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return starts[0]["status"], json.loads(body), pulled
+
+
+def mib_chunks(n: int) -> Any:
+    """n MiB of a JSON prompt, one MiB at a time (never all in memory)."""
+    yield b'{"prompt": "'
+    for _ in range(n):
+        yield b"x" * 2**20
+
+
+def test_a_body_without_content_length_is_refused_413_once_past_the_cap_and_the_rest_is_never_read(
+    tokenizer: Any,
+) -> None:
+    from llmctl.serving.api import MAX_BODY_BYTES
+
+    engine = FakeEngine(lambda r: [5])
+    app = create_app(make_state(tokenizer, engine))
+    status, body, pulled = call_asgi(app, mib_chunks(50), {"content-type": "application/json"})
+    assert status == 413 and body["error"]["code"] == "body_too_large", body
+    assert pulled == MAX_BODY_BYTES // 2**20 + 1  # read up to the first chunk past the cap, no further
+    assert engine.requests == []
+    # A Content-Length over the cap is refused before a byte is read.
+    status, _, pulled = call_asgi(app, mib_chunks(50), {"content-length": str(50 * 2**20)})
+    assert (status, pulled) == (413, 0)
+
+
+def test_a_body_of_more_json_values_than_any_request_needs_is_refused_413_as_it_streams_in(tokenizer: Any) -> None:
+    from llmctl.serving.api import MAX_BODY_SEPARATORS
+
+    def token_ids(chunks: int) -> Any:  # 1 MiB of "1," per chunk: 2**19 values
+        yield b'{"prompt": ['
+        for _ in range(chunks):
+            yield b"1," * 2**19
+
+    engine = FakeEngine(lambda r: [5])
+    app = create_app(make_state(tokenizer, engine))
+    status, body, pulled = call_asgi(app, token_ids(15), {"content-type": "application/json"})
+    assert status == 413 and f"more than {MAX_BODY_SEPARATORS:,} JSON values" in body["error"]["message"], body
+    assert pulled == 2 and engine.requests == []  # the opening's colon and one chunk's commas pass the cap
+
+
+def test_a_wrong_api_key_is_refused_before_the_body_is_read(tokenizer: Any) -> None:
+    app = create_app(make_state(tokenizer, FakeEngine(lambda r: [5]), api_key="s3cret"))
+    for auth in ({}, {"authorization": "Bearer nope"}):
+        status, body, pulled = call_asgi(app, mib_chunks(50), {"content-type": "application/json", **auth})
+        assert (status, body["error"]["code"], pulled) == (401, "invalid_api_key", 0)
+
+
+class SpyTokenizer:
+    """Wraps a tokenizer: records the length of each text it encodes and whether an event loop runs in the
+    thread that asked."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.lengths: list[int] = []
+        self.on_event_loop: list[bool] = []
+
+    def encode(self, text: str, **kw: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            self.on_event_loop.append(True)
+        except RuntimeError:
+            self.on_event_loop.append(False)
+        self.lengths.append(len(text))
+        return self.tokenizer.encode(text, **kw)
+
+
+def spied_server(tokenizer: Any, **overrides: Any) -> tuple[TestClient, ServingState, SpyTokenizer]:
+    state = make_state(tokenizer, FakeEngine(lambda r: ids_of(tokenizer, " ok")), **overrides)
+    spy = SpyTokenizer(state.prompts.plain)
+    state.prompts.plain = spy
+    state.prompts.tokenizer = SpyTokenizer(state.prompts.tokenizer)
+    return TestClient(create_app(state), raise_server_exceptions=False), state, spy
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_tokenized(tokenizer: Any) -> None:
+    client, state, spy = spied_server(tokenizer)
+    limit = state.prompts.max_chars
+    longest = max(len(t) for t in tokenizer.get_vocab())
+    assert limit == CONTEXT * longest
+    for body in ({"prompt": "x" * (limit + 1)}, {"prompt": ["def", "y" * (limit + 1)]}):
+        error = assert_openai_error(client.post("/v1/completions", json=body), 400, "prompt")
+        assert error["code"] == "context_length_exceeded" and f"{limit + 1:,} characters" in error["message"]
+    assert all(n <= 3 for n in spy.lengths)  # only "def" was tokenized
+    messages = [{"role": "user", "content": "z" * (limit + 1)}]
+    error = assert_openai_error(client.post("/v1/chat/completions", json={"messages": messages}), 400, "messages")
+    assert error["code"] == "context_length_exceeded" and state.prompts.tokenizer.lengths == []
+    # Lists of token ids or of messages longer than the context are refused before their items are validated.
+    for path, body in (("/v1/completions", {"prompt": [1] * (CONTEXT + 1)}),
+                       ("/v1/completions", {"prompt": [[1], [1] * (CONTEXT + 1)]}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user"}] * (CONTEXT + 1)})):
+        assert assert_openai_error(client.post(path, json=body), 400)["code"] == "context_length_exceeded"
+    # Within the bound, the text is tokenized and the token count decides.
+    error = assert_openai_error(client.post("/v1/completions", json={"prompt": "return " * 40}), 400)
+    assert error["code"] == "context_length_exceeded" and spy.lengths[-1] == len("return " * 40)
+
+
+def test_prompts_and_messages_are_tokenized_in_a_worker_thread_not_on_the_event_loop(tokenizer: Any) -> None:
+    client, state, spy = spied_server(tokenizer)
+    assert client.post("/v1/completions", json={"prompt": "def f():", "max_tokens": 2}).status_code == 200
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert spy.on_event_loop == [False] and state.prompts.tokenizer.on_event_loop == [False]
+
+
+# --------------------------------------------------------------------------- text that is not valid Unicode
+
+LONE_SURROGATE = "caf\ud800e"
+
+SURROGATES = [  # (path, body, the field as the message names it, as `param` names it)
+    ("/v1/completions", {"prompt": LONE_SURROGATE}, "prompt", "prompt"),
+    ("/v1/completions", {"prompt": ["ok", LONE_SURROGATE]}, "prompt[1]", "prompt.1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE_SURROGATE}]}, "messages[0].content",
+     "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "hi"},
+                                           {"role": "user", "content": [{"type": "text", "text": LONE_SURROGATE}]}]},
+     "messages[1].content[0].text", "messages.1.content.0.text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": LONE_SURROGATE}]},
+     "messages[0].name", "messages.0.name"),
+]
+
+
+def raw_json(body: dict) -> bytes:
+    """The body as JSON with \\uXXXX escapes (a lone surrogate can only be sent so)."""
+    return json.dumps(body, ensure_ascii=True).encode()
+
+
+@pytest.mark.parametrize("path,body,where,param", SURROGATES, ids=[w for _, _, w, _ in SURROGATES])
+def test_a_lone_surrogate_is_a_400_naming_the_field(serve, path: str, body: dict, where: str, param: str) -> None:
+    client, engine = serve()
+    r = client.post(path, content=raw_json(body), headers={"content-type": "application/json"})
+    error = assert_openai_error(r, 400, param)
+    assert error["message"].startswith(f"{where}: a lone surrogate (U+D800)"), error
+    assert engine.requests == []
+
+
+def test_a_lone_surrogate_in_a_text_to_classify_is_a_400_naming_it(classify_server) -> None:
+    client, _, runner = classify_server()
+    for body, param in (({"input": LONE_SURROGATE}, "input"), ({"input": ["ok", LONE_SURROGATE]}, "input.1")):
+        r = client.post("/v1/classify", content=raw_json(body), headers={"content-type": "application/json"})
+        assert "input" in assert_openai_error(r, 400, param)["message"]
+    assert runner.queue_depth == 0
+
+
+# --------------------------------------------------------------------------- the allow-list of request fields
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+BASE = {"/v1/completions": {"prompt": "def", "max_tokens": 2}, "/v1/chat/completions": {"messages": MESSAGES, "max_tokens": 2}}
+BOTH = tuple(BASE)
+CHAT = ("/v1/chat/completions",)
+
+# Fields that cannot change the output: accepted (and ignored), the engine request the same as without them.
+HARMLESS = [
+    *((p, "user", "u-1") for p in BOTH), *((p, "store", False) for p in BOTH),
+    *((p, "metadata", {"k": "v"}) for p in BOTH), *((p, "service_tier", "auto") for p in BOTH),
+    *((p, "prompt_cache_key", "k") for p in BOTH), *((p, "safety_identifier", "s") for p in BOTH),
+    *((p, "stream_options", {"include_usage": False, "include_obfuscation": False}) for p in BOTH),
+    *((p, "presence_penalty", 0) for p in BOTH), *((p, "frequency_penalty", 0.0) for p in BOTH),
+    *((p, "logit_bias", {}) for p in BOTH), *((p, "stop", None) for p in BOTH),
+    ("/v1/completions", "echo", False), ("/v1/completions", "best_of", 1), ("/v1/completions", "suffix", ""),
+    ("/v1/chat/completions", "tools", []), ("/v1/chat/completions", "tool_choice", "none"),
+    ("/v1/chat/completions", "tool_choice", "auto"), ("/v1/chat/completions", "parallel_tool_calls", True),
+    ("/v1/chat/completions", "functions", []), ("/v1/chat/completions", "function_call", "none"),
+    ("/v1/chat/completions", "response_format", {"type": "text"}), ("/v1/chat/completions", "modalities", ["text"]),
+    ("/v1/chat/completions", "messages", [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "ok", "refusal": None, "tool_calls": [],
+                                           "function_call": None, "audio": None, "annotations": []},
+                                          {"role": "user", "content": "hi"}]),
+]
+
+# Fields llmctl does not honour, at values that would change the output: each a 400 naming the field.
+REFUSED = [
+    *((p, "repetition_penalty", 1.2, "repetition_penalty") for p in BOTH),
+    *((p, "min_p", 0.1, "min_p") for p in BOTH), *((p, "min_tokens", 5, "min_tokens") for p in BOTH),
+    *((p, "guided_json", {"type": "object"}, "guided_json") for p in BOTH),
+    *((p, "guided_regex", "a+", "guided_regex") for p in BOTH),
+    *((p, "guided_choice", ["a", "b"], "guided_choice") for p in BOTH),
+    *((p, "grammar", "root ::= 'a'", "grammar") for p in BOTH),
+    *((p, "use_beam_search", True, "use_beam_search") for p in BOTH),
+    *((p, "length_penalty", 2.0, "length_penalty") for p in BOTH),
+    *((p, "no_such_field", 1, "no_such_field") for p in BOTH),
+    *((p, "presence_penalty", 0.5, "presence_penalty") for p in BOTH),
+    *((p, "frequency_penalty", -1.0, "frequency_penalty") for p in BOTH),
+    *((p, "logit_bias", {"5": 10.0}, "logit_bias") for p in BOTH),
+    *((p, "stream_options", {"continuous_usage_stats": True}, "stream_options.continuous_usage_stats") for p in BOTH),
+    ("/v1/completions", "echo", True, "echo"), ("/v1/completions", "best_of", 3, "best_of"),
+    ("/v1/completions", "suffix", "}", "suffix"), ("/v1/completions", "messages", MESSAGES, "messages"),
+    ("/v1/chat/completions", "prompt", "x", "prompt"),
+    ("/v1/chat/completions", "functions", [{"name": "f", "parameters": {}}], "functions"),
+    ("/v1/chat/completions", "function_call", {"name": "f"}, "function_call"),
+    ("/v1/chat/completions", "function_call", "required", "function_call"),
+    ("/v1/chat/completions", "tool_choice", "required", "tool_choice"),
+    ("/v1/chat/completions", "tool_choice", {"type": "function", "function": {"name": "f"}}, "tool_choice"),
+    ("/v1/chat/completions", "tools", [{"type": "function"}], "tools"),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}, "response_format.type"),
+    ("/v1/chat/completions", "modalities", ["text", "audio"], "modalities"),
+    ("/v1/chat/completions", "audio", {"voice": "alloy", "format": "wav"}, "audio"),
+    ("/v1/chat/completions", "reasoning_effort", "low", "reasoning_effort"),
+    ("/v1/chat/completions", "verbosity", "low", "verbosity"),
+    ("/v1/chat/completions", "web_search_options", {}, "web_search_options"),
+    ("/v1/chat/completions", "prediction", {"type": "content", "content": "x"}, "prediction"),
+    ("/v1/chat/completions", "messages", [{"role": "user", "content": "hi", "tool_call_id": "c1"}],
+     "messages.0.tool_call_id"),
+    ("/v1/chat/completions", "messages", [{"role": "assistant", "content": None, "refusal": "no"}],
+     "messages.0.refusal"),
+    ("/v1/chat/completions", "messages", [{"role": "assistant", "content": "x", "tool_calls": [{"id": "c"}]}],
+     "messages.0.tool_calls"),
+    ("/v1/chat/completions", "messages", [{"role": "user", "content": [{"type": "text", "text": "x", "cache": 1}]}],
+     "messages.0.content"),
+]
+
+
+def _engine_view(request: GenerationRequest) -> tuple:
+    return (request.prompt_ids, request.max_new_tokens, request.temperature, request.top_p, request.top_k,
+            request.stop_ids, request.seed, request.logprobs)
+
+
+@pytest.mark.parametrize("path,name,value", HARMLESS, ids=[f"{p[4:]}-{n}-{v}"[:50] for p, n, v in HARMLESS])
+def test_a_field_that_cannot_change_the_output_is_accepted_and_changes_nothing(serve, path: str, name: str,
+                                                                               value: Any) -> None:
+    client, engine = serve()
+    plain = client.post(path, json=BASE[path])
+    given = client.post(path, json={**BASE[path], name: value})
+    assert given.status_code == 200, given.text
+    if name != "messages":
+        assert _engine_view(engine.requests[1]) == _engine_view(engine.requests[0])
+    assert plain.json()["choices"] == given.json()["choices"]
+
+
+@pytest.mark.parametrize("path,name,value,param", REFUSED, ids=[f"{p[4:]}-{n}-{v}"[:50] for p, n, v, _ in REFUSED])
+def test_a_field_that_would_change_the_output_unhonoured_is_a_400_naming_it(serve, path: str, name: str, value: Any,
+                                                                            param: str) -> None:
+    client, engine = serve()
+    error = assert_openai_error(client.post(path, json={**BASE[path], name: value}), 400, param)
+    assert error["message"].startswith(param.split(".")[0]), error
+    assert engine.requests == []
+
+
+def test_every_field_a_generation_endpoint_accepts_is_honoured_or_tested_above() -> None:
+    from llmctl.serving.protocol import ChatCompletionRequest, CompletionRequest
+
+    honoured = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "ignore_eos", "n",
+                "stop", "seed", "stream", "logprobs", "top_logprobs", "prompt", "messages"}
+    tested = {name for _, name, _ in HARMLESS} | {name for _, name, _, _ in REFUSED}
+    for model in (CompletionRequest, ChatCompletionRequest):
+        untested = set(model.model_fields) - honoured - tested
+        assert not untested, f"{model.__name__} accepts {sorted(untested)}: add them to HARMLESS or REFUSED"
+
+
+def test_an_unknown_field_in_a_classify_body_is_a_400_naming_it(classify_server) -> None:
+    client, _, _ = classify_server()
+    assert client.post("/v1/classify", json={"input": "x", "user": "u", "metadata": {}}).status_code == 200
+    error = assert_openai_error(client.post("/v1/classify", json={"input": "x", "temperature": 0.5}), 400, "temperature")
+    assert error["code"] == "unknown_parameter"
+
+
+# --------------------------------------------------------------------------- user text is text
+
+EOT = "<|endoftext|>"
+
+
+def test_a_special_token_string_in_a_prompt_is_encoded_as_plain_text(serve, tokenizer: Any) -> None:
+    client, engine = serve()
+    eot = tokenizer.token_to_id(EOT)
+    assert client.post("/v1/completions", json={"prompt": f"def {EOT} f", "max_tokens": 2}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": [f"x{EOT}", "y"], "max_tokens": 2}).status_code == 200
+    ids = [r.prompt_ids for r in engine.requests]
+    assert all(eot not in p for p in ids), ids
+    assert tokenizer.decode(ids[0]) == f"def {EOT} f"  # the characters survive, as text
+    assert client.post("/v1/completions", json={"prompt": [eot, 5], "max_tokens": 2}).status_code == 200
+    assert engine.requests[-1].prompt_ids == [eot, 5]  # token ids are the way to send the token itself
+
+
+def test_special_tokens_in_chat_come_only_from_the_template(tokenizer: Any) -> None:
+    template = ChatTemplate("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}{{ eos_token }}"
+                            "{% endfor %}assistant:", source="t", eos_token=EOT)
+    engine = FakeEngine(lambda r: ids_of(tokenizer, " ok"))
+    client = TestClient(create_app(make_state(tokenizer, engine, chat_template=template)))
+    eot = tokenizer.token_to_id(EOT)
+    messages = [{"role": "system", "content": "be"}, {"role": "user", "content": f"  hi {EOT}x "}]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    ids = engine.requests[0].prompt_ids
+    assert ids.count(eot) == 2  # the template's end of each turn; none from the user's text
+    assert tokenizer.decode(ids, skip_special_tokens=False) == f"system: be{EOT}user: hi {EOT}x{EOT}assistant:"
+    # Without special-token strings in the messages, the ids are the template's text encoded as prepare does.
+    plain = [{"role": "user", "content": "def return value"}]
+    client.post("/v1/chat/completions", json={"messages": plain, "max_tokens": 2})
+    rendered = template.render(plain)
+    assert engine.requests[1].prompt_ids == tokenizer.encode(rendered, add_special_tokens=False).ids
+
+
 def test_binding_a_port_in_use_is_bad_input_naming_the_port() -> None:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
