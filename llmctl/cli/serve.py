@@ -13,6 +13,7 @@ from llmctl.cli.output import reporting_errors, say, say_always
 
 EPILOG = (
     "Examples: llmctl serve runs/tiny-gpt/model  |  llmctl serve out/tiny-onnx --port 8080 --api-key s3cret  |  "
+    "llmctl serve out/tiny-onnx --graph int8  |  "
     "curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"def \", \"max_tokens\": 32}'"
     "  |  a classifier: curl localhost:8000/v1/classify -d '{\"input\": [\"the plot was good\", \"not great\"]}'"
 )
@@ -39,6 +40,11 @@ def serve_cli(
         None, "--max-tokens-limit", min=1, help="Largest max_tokens a request may ask for (default: the context length)."
     ),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16: weights and compute of a torch model dir."),
+    graph: Optional[str] = typer.Option(
+        None, "--graph",
+        help="fp32 | int8: the graph of an export dir ONNX Runtime runs: model.onnx (default) or model.int8.onnx "
+        "(written by `export --quantize int8`).",
+    ),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model's id in the API (default: the run's name)."),
 ) -> None:
     """Serve a model over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions, /v1/models, streaming too;
@@ -49,7 +55,7 @@ def serve_cli(
 
         options = ServeOptions(
             path=path, host=host, port=port, api_key=api_key or None, max_batch_size=max_batch_size,
-            max_queue=max_queue, max_tokens_limit=max_tokens_limit, dtype=dtype, model_name=model_name,
+            max_queue=max_queue, max_tokens_limit=max_tokens_limit, dtype=dtype, graph=graph, model_name=model_name,
         )
         code = serve(options, say=lambda text: say(_escape(text)), progress=WorkProgress(),
                      announce=lambda text: say_always(_escape(text)))

@@ -8,6 +8,7 @@ passes an empty past (P = 0); the same graph serves prefill, chunked prefill and
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,15 @@ def _float32(t: torch.Tensor) -> np.ndarray:
 
 
 def session_options(spin_threads: bool = True) -> Any:
-    """ONNX Runtime session options. `spin_threads=False` stops its worker threads busy-waiting after a
-    run: a torch model timed next in the same process ran 2.6 -> 7 ms on 2 cores while they spun
-    (tiny-gpt, forward at 1 x 128), so comparisons turn it off; serving keeps ORT's default."""
+    """ONNX Runtime session options. `spin_threads=False` is for a process that runs other work beside
+    ONNX Runtime: its worker threads then never busy-wait for the next run, and there are no more of
+    them than the cores this process may use (ONNX Runtime sizes its pool from the machine's cores,
+    whatever the process's CPU affinity).
+
+    Spinning threads take the cores the other work needs: a torch model timed next in the same process
+    ran 2.6 -> 7 ms on 2 cores (tiny-gpt, forward at 1 x 128), and `llmctl serve` over 16 clients gave
+    fewer tokens/s than over one, its HTTP thread and the engine thread's Python between steps starved
+    by threads spinning while they waited (bench_serve; see BENCHMARKS.md)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -141,7 +148,17 @@ def session_options(spin_threads: bool = True) -> Any:
     if not spin_threads:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        usable = _usable_cores()
+        if usable < (os.cpu_count() or usable):
+            options.intra_op_num_threads = usable
     return options
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), or all of them where that is unknown."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def open_session(graph_path: Path, providers: list[str] | None = None, spin_threads: bool = True) -> Any:

@@ -28,6 +28,7 @@ from llmctl.serving.classify import ClassifierSpec
 from llmctl.serving.protocol import MAX_CLASSIFY_TEXTS
 
 DTYPES = ("fp32", "bf16")
+GRAPHS = ("fp32", "int8")  # an export dir's model.onnx, or model.int8.onnx (`export --quantize int8`)
 DEFAULT_BATCH = 16  # sequences a language model decodes together unless --max-batch-size says otherwise
 
 
@@ -43,6 +44,7 @@ class ServeOptions:
     max_queue: int = 64  # sequences (a classifier: requests) waiting for the model before 503
     max_tokens_limit: int | None = None  # largest max_tokens a request may ask for; default: the context length
     dtype: str = "fp32"
+    graph: str | None = None  # an export dir's graph: fp32 (model.onnx, the default) or int8 (model.int8.onnx)
     model_name: str | None = None
 
 
@@ -60,11 +62,17 @@ class ModelInfo:
     vocab_size: int
     quantization: str | None
     classifier: ClassifierSpec | None = None  # None: a language model
+    graph: Path | None = None  # the ONNX graph ONNX Runtime runs (an export dir), else None
 
 
-def inspect_model(path: Path, dtype: str) -> ModelInfo:
-    """Check that `path` is a servable model or export dir and read its config and tokenizer; refuses
-    anything else with an LlmctlError naming what to change."""
+def graph_file(export: ExportDir, graph: str | None) -> Path:
+    """The ONNX file of an export dir that `--graph` names (None: fp32, model.onnx)."""
+    return export.onnx_int8 if graph == "int8" else export.onnx
+
+
+def inspect_model(path: Path, dtype: str, graph: str | None = None) -> ModelInfo:
+    """Check that `path` is a servable model or export dir (and `graph` one of its graphs) and read its
+    config and tokenizer; refuses anything else with an LlmctlError naming what to change."""
     from tokenizers import Tokenizer
 
     from llmctl.data.tokenizer import eot_id
@@ -73,14 +81,25 @@ def inspect_model(path: Path, dtype: str) -> ModelInfo:
     path = Path(path)
     if dtype not in DTYPES:
         raise LlmctlError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}.")
+    if graph is not None and graph not in GRAPHS:
+        raise LlmctlError(f"--graph {graph!r}: expected one of {', '.join(GRAPHS)}.")
+    _refuse_a_graph_file(path)
     backend = backend_of(path)
+    onnx = None
     if backend == "torch":
+        if graph is not None:
+            raise LlmctlError(f"--graph {graph}: picks the graph of an ONNX export dir; {path} is a model dir (torch). "
+                              "Drop --graph, or serve the export dir.")
         layout = ModelDir(path)
         layout.check()
         config_path, tokenizer_path, what = layout.config, layout.tokenizer, "model dir"
     else:
         export = ExportDir(path)
-        for needed in (export.onnx, export.tokenizer, export.config):
+        onnx = graph_file(export, graph)
+        if graph == "int8" and not onnx.is_file():
+            raise LlmctlError(f"--graph int8: {path} has no {onnx.name}; write it with `llmctl export ... --quantize "
+                              "int8`, or drop --graph to serve model.onnx.")
+        for needed in (onnx, export.tokenizer, export.config):
             if not needed.is_file():
                 raise LlmctlError(f"{path}: an export dir without {needed.name}; write it again with `llmctl export`.")
         config_path, tokenizer_path, what = export.config, export.tokenizer, "export dir"
@@ -105,7 +124,14 @@ def inspect_model(path: Path, dtype: str) -> ModelInfo:
     if dtype == "bf16" and scheme:
         raise LlmctlError(f"--dtype bf16: {path} is quantized ({scheme}) and runs in its own precision; drop --dtype.")
     eot = classifier.pad_id if classifier is not None else eot_id(tokenizer)
-    return ModelInfo(path, backend, config, config_path, tokenizer, eot, context, vocab, scheme, classifier)
+    return ModelInfo(path, backend, config, config_path, tokenizer, eot, context, vocab, scheme, classifier, onnx)
+
+
+def _refuse_a_graph_file(path: Path) -> None:
+    """An .onnx file inside an export dir is served through its dir: say how."""
+    if path.is_file() and path.suffix == ".onnx" and ExportDir(path.parent).is_export():
+        flag = " --graph int8" if path.name == ExportDir(path.parent).onnx_int8.name else ""
+        raise LlmctlError(f"{path}: a graph file; serve its export dir: `llmctl serve {path.parent}{flag}`.")
 
 
 def default_model_name(path: Path) -> str:
@@ -162,7 +188,7 @@ def serve(options: ServeOptions, say: Callable[[str], None], progress: Progress 
     from llmctl.serving.chat import chat_template_of
     from llmctl.serving.metrics import ServerMetrics
 
-    info = inspect_model(options.path, options.dtype)
+    info = inspect_model(options.path, options.dtype, options.graph)
     _refuse_language_model_options(options, info)
     limit = options.max_tokens_limit or info.context_length
     if limit < 1:
@@ -237,7 +263,7 @@ def _is_loopback(sock: socket.socket) -> bool:
 
 def _backend_label(info: ModelInfo, dtype: str) -> str:
     if info.backend == "onnxruntime":
-        return "onnxruntime"
+        return "onnxruntime int8" if info.graph is not None and info.graph.name.endswith(".int8.onnx") else "onnxruntime"
     return f"torch-{info.quantization}" if info.quantization else f"torch {dtype}"
 
 
@@ -263,22 +289,11 @@ def _load(state: Any, info: ModelInfo, options: ServeOptions, server: "_Server",
 
 def _start(state: Any, info: ModelInfo, options: ServeOptions, progress: Progress) -> tuple[Any, str]:
     """Load the model and start its engine (None if the server began stopping meanwhile), and what to say of it."""
-    from llmctl.models.loading import load_for_inference
-
     files = _weight_files(info)
     progress.stage(f"reading the weights of {info.path}", unit="bytes")
     read_ahead(files, progress.update)
     progress.stage("loading the model")
-    loaded = load_for_inference(info.path)
-    model = loaded.model
-    if options.dtype == "bf16":
-        import torch
-
-        model = model.to(torch.bfloat16)
-    if (getattr(model, "task", None) == "classification") != (info.classifier is not None):
-        kind = "a classifier" if info.classifier is not None else "a language model"
-        raise LlmctlError(f"{info.config_path} describes {kind} but the model loaded from {info.path} is not one; "
-                          "the dir is damaged: write it again.")
+    model = load_served_model(info, options.dtype)
     if state.status == "stopping":
         return None, ""
     progress.stage("starting the engine")
@@ -298,10 +313,30 @@ def _start(state: Any, info: ModelInfo, options: ServeOptions, progress: Progres
     return engine, detail
 
 
+def load_served_model(info: ModelInfo, dtype: str = "fp32") -> Any:
+    """The model `info` describes, loaded as the server runs it: in `dtype` (torch), or on the graph
+    `--graph` chose, with ONNX Runtime's threads never spinning. Spinning threads starve the HTTP
+    thread and the engine's own Python between steps: 16 clients got fewer tokens/s than one."""
+    from llmctl.models.loading import load_for_inference
+
+    loaded = load_for_inference(info.path, onnx_file=info.graph.name if info.graph is not None else None,
+                                spin_threads=False)
+    model = loaded.model
+    if dtype == "bf16":
+        import torch
+
+        model = model.to(torch.bfloat16)
+    if (getattr(model, "task", None) == "classification") != (info.classifier is not None):
+        kind = "a classifier" if info.classifier is not None else "a language model"
+        raise LlmctlError(f"{info.config_path} describes {kind} but the model loaded from {info.path} is not one; "
+                          "the dir is damaged: write it again.")
+    return model
+
+
 def _weight_files(info: ModelInfo) -> list[Path]:
-    """The files loading reads its weights from: an export dir's model.onnx (+ data), else *.safetensors."""
-    if info.backend == "onnxruntime":
-        graph = ExportDir(info.path).onnx
+    """The files loading reads its weights from: an export dir's graph (+ data), else *.safetensors."""
+    if info.graph is not None:
+        graph = info.graph
         return [f for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file()]
     return sorted(Path(info.path).glob("*.safetensors"))
 

@@ -480,3 +480,17 @@ def test_a_failing_decode_step_fails_its_batch_and_the_engine_keeps_serving(mode
     assert engine.running and engine.batch_size == 0
     assert collect(engine.submit(GenerationRequest([9, 10], 5, temperature=0)))[0] == greedy(model, [9, 10], 5)
     assert calls  # the callback ran, and raised, on every step after the failure
+
+
+@pytest.mark.parametrize("graph,file", [(None, "model.onnx"), ("int8", "model.int8.onnx")])
+def test_serve_loads_the_graph_asked_for_with_onnx_runtime_threads_that_never_spin(onnx_model, graph, file):
+    """ONNX Runtime's threads busy-wait after each run by default; in the server they took the cores the
+    HTTP thread needed, and 16 clients got 0.4-0.6x the tokens/s of one (issue 16)."""
+    from llmctl.serving.server import inspect_model, load_served_model
+
+    served = load_served_model(inspect_model(onnx_model.graph_path.parent, "fp32", graph))
+    options = served.session.get_session_options()
+    assert served.graph_path.name == file
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    assert served.batch_invariant == (graph is None)
