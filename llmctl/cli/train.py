@@ -57,7 +57,7 @@ def train_cli(
 
         from llmctl.training.trainer import check_run_dir
 
-        check_run_dir(target, resume=resume, overwrite=overwrite)
+        check_run_dir(target, resume=resume, overwrite=overwrite, recipe=resolved)
         from llmctl.training.trackers import check_trackers
 
         check_trackers(resolved.train.log_with)  # before preparing a data set the run would then refuse
@@ -119,13 +119,14 @@ def _launch(recipe, overrides, resolved, run_dir, resume, overwrite, nproc, acce
     """Prepare once here, then run `llmctl train` in every process through `accelerate launch`."""
     from llmctl.cli.prepare import run_prepare
     from llmctl.training.launch import check_accelerate_config, launch_command, run_launched
+    from llmctl.training.trainer import check_batch_split
 
-    if accelerate_config is not None:
-        check_accelerate_config(accelerate_config)
+    processes = check_accelerate_config(accelerate_config) if accelerate_config is not None else None
     if device_ids is not None and nproc is not None and nproc > len(device_ids):
         from llmctl.errors import LlmctlError
 
         raise LlmctlError(f"--nproc {nproc} needs {nproc} GPUs, but --devices names {len(device_ids)}.")
+    check_batch_split(resolved.train, nproc or processes or 1)  # once, here, not in every worker
     run_prepare(resolved)
     args = [str(recipe), *overrides]
     if run_dir is not None:

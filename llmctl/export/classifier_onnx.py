@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmctl.artifacts import ExportDir, replace_dir_atomic, staging_dir, write_json_atomic
+from llmctl.artifacts import ExportDir, staged_dir, write_json_atomic
 from llmctl.export.onnx_export import (
     EXPORTER_MIN_OPSET,
     OPTIMIZATION_LEVEL,
@@ -71,9 +71,8 @@ def export_classifier_onnx(
     texts = _texts_of(loaded, data)
     seconds: dict[str, float] = {}
 
-    tmp = staging_dir(out_dir)
-    layout = ExportDir(tmp)
-    try:
+    with staged_dir(out_dir, f"the export dir {out_dir}") as tmp:
+        layout = ExportDir(tmp)
         progress.stage(f"exporting the graph (torch.onnx.export, dynamo, opset {opset})")
         start = time.perf_counter()
         ids = torch.randint(0, model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0))
@@ -114,10 +113,6 @@ def export_classifier_onnx(
             seconds["int8"] = time.perf_counter() - start
         manifest["seconds"] = seconds
         write_json_atomic(layout.manifest, manifest)
-        replace_dir_atomic(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     return export_report(out_dir, graph, manifest, parity,
                          ("task", "labels", "opset", "parameters", "weight_bytes", "seconds", "int8"))

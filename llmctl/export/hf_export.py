@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,7 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from llmctl.artifacts import replace_dir_atomic, staging_dir, write_atomic, write_json_atomic
+from llmctl.artifacts import staged_dir, usual_mode, write_atomic, write_json_atomic
 from llmctl.errors import LlmctlError
 from llmctl.export.onnx_export import ExportReport, fp32_model
 from llmctl.export.verify import ParityRow
@@ -70,9 +69,8 @@ def export_hf(
     config = model.config.to_dict()
     seconds: dict[str, float] = {}
 
-    tmp = staging_dir(out_dir)
-    layout = HFModelDir(tmp)
-    try:
+    with staged_dir(out_dir, f"the export dir {out_dir}") as tmp:
+        layout = HFModelDir(tmp)
         start = time.perf_counter()
         bos, eos = _special_tokens(loaded)
         token_id = loaded.tokenizer.token_to_id
@@ -111,10 +109,6 @@ def export_hf(
             "seconds": seconds,
         }
         write_json_atomic(layout.manifest, manifest)
-        replace_dir_atomic(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     figures = {k: manifest[k] for k in ("architecture", "parameters", "weight_bytes", "seconds")}
     figures["verification"] = {k: v for k, v in manifest["verification"].items() if k not in ("passed", "failure", "rows")}
@@ -166,6 +160,7 @@ def _write_weights(model: Any, path: Path, *, zero_o_proj_bias: bool) -> int:
         for i in range(model.config.n_layer):
             tensors[f"model.layers.{i}{O_PROJ_BIAS}"] = torch.zeros(model.config.d_model)
     save_file(tensors, str(path), metadata={"format": "pt"})
+    usual_mode(path)  # safetensors writes through a private (0600) temporary
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

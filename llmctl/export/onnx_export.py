@@ -15,7 +15,6 @@ import contextlib
 import copy
 import io
 import logging
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ import torch
 import torch.nn as nn
 from onnx import helper, numpy_helper
 
-from llmctl.artifacts import ExportDir, replace_dir_atomic, staging_dir, write_json_atomic
+from llmctl.artifacts import ExportDir, staged_dir, write_json_atomic, write_failure
 from llmctl.errors import EXIT_FAILURE, LlmctlError
 from llmctl.models.gpt import GPT, rotary_cos_sin
 from llmctl.models.onnx_model import input_names, output_names
@@ -131,9 +130,8 @@ def export_onnx(
     model, source_quantization = fp32_model(loaded)
     seconds: dict[str, float] = {}
 
-    tmp = staging_dir(out_dir)
-    layout = ExportDir(tmp)
-    try:
+    with staged_dir(out_dir, f"the export dir {out_dir}") as tmp:
+        layout = ExportDir(tmp)
         progress.stage(f"exporting the graph (torch.onnx.export, dynamo, opset {opset})")
         start = time.perf_counter()
         graph = _export_graph(model, layout.onnx, opset, external_data_threshold)
@@ -168,10 +166,6 @@ def export_onnx(
             seconds["int8"] = time.perf_counter() - start
         manifest["seconds"] = seconds
         write_json_atomic(layout.manifest, manifest)
-        replace_dir_atomic(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     return export_report(out_dir, graph, manifest, parity, ("opset", "parameters", "weight_bytes", "seconds", "int8"))
 
@@ -301,6 +295,8 @@ def trace_to_onnx(
             )
             program.save(str(path), external_data=True)
     except Exception as e:  # torch.export and onnxscript raise many types; all mean "this did not export"
+        if write_failure(e, "the ONNX graph", path) is not None:
+            raise  # a full disk or a refused permission: the export dir's writer names it
         raise LlmctlError(
             f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
             kind="export_failed", exit_code=EXIT_FAILURE,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmctl.artifacts import ModelDir, read_json_artifact, replace_dir_atomic, staging_dir, write_json_atomic
+from llmctl.artifacts import ModelDir, read_json_artifact, staged_dir, usual_mode, write_json_atomic
 from llmctl.errors import LlmctlError
 
 
@@ -58,28 +58,21 @@ def save_model_dir(
         for name in [k for k in tensors if k.startswith("lm_head.")]:
             tensors.pop(name)
     dest = Path(dest)
-    tmp = staging_dir(dest)
-    try:
-        write_json_atomic(tmp / "config.json", config)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        write_json_atomic(tmp / "llmctl.json", provenance)
-        replace_dir_atomic(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_dir(dest, f"the model dir {dest}") as tmp:
+        layout = ModelDir(tmp)
+        write_json_atomic(layout.config, config)
+        save_file(tensors, str(layout.weights), metadata={"format": "pt"})
+        usual_mode(layout.weights)  # safetensors writes through a private (0600) temporary
+        shutil.copyfile(tokenizer_path, layout.tokenizer)
+        write_json_atomic(layout.provenance, provenance)
 
 
 def copy_model_dir(src: Path, dest: Path) -> None:
     """Copy a whole model dir into place atomically."""
-    tmp = staging_dir(Path(dest))
-    shutil.rmtree(tmp)
-    try:
+    dest = Path(dest)
+    with staged_dir(dest, f"the model dir {dest}") as tmp:
+        shutil.rmtree(tmp)
         shutil.copytree(src, tmp)
-        replace_dir_atomic(tmp, Path(dest))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_model_dir(path: str | Path, device: str = "cpu") -> LoadedModel:
@@ -90,10 +83,13 @@ def load_model_dir(path: str | Path, device: str = "cpu") -> LoadedModel:
 
     from llmctl.models.registry import build_model
 
+    from llmctl.config.loader import check_model_config
+
     md = ModelDir(Path(path))
     md.check()
     config = read_json_artifact(md.config, "model dir")
     config.pop("format_version", None)
+    check_model_config(config, str(md.config))
     provenance = read_json_artifact(md.provenance, "model dir") if md.provenance.is_file() else {}
     try:
         tokenizer = Tokenizer.from_file(str(md.tokenizer))

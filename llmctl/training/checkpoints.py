@@ -17,7 +17,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llmctl.artifacts import RunDir, iter_jsonl, read_json_artifact, replace_dir_atomic, write_atomic, write_json_atomic
+from llmctl.artifacts import (
+    RunDir,
+    append_line,
+    iter_jsonl,
+    read_json_artifact,
+    replace_dir_atomic,
+    usual_mode,
+    write_atomic,
+    write_json_atomic,
+    writing,
+)
 from llmctl.errors import LlmctlError
 
 STATE_FILE = "trainer_state.json"
@@ -45,14 +55,20 @@ def save_checkpoint(accelerator: Any, run_dir: RunDir, step: int, state: dict[st
     """Save a checkpoint of every process's state for `step`, then keep only the newest `keep`."""
     final = run_dir.checkpoint(step)
     tmp = final.with_name(f".{final.name}.tmp")
-    if accelerator.is_main_process and tmp.exists():
+    main = accelerator.is_main_process
+    what = f"the checkpoint {final}"
+    if main and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with writing(what, final, partial=tmp if main else None):
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
-        replace_dir_atomic(tmp, final)
+    if main:
+        with writing(what, final, partial=tmp):
+            for weights in tmp.glob("*.safetensors"):
+                usual_mode(weights)  # safetensors writes through a private (0600) temporary
+            write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
+            replace_dir_atomic(tmp, final)
         for _, old in run_dir.step_checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -132,11 +148,12 @@ class MetricsLog:
         if not self.enabled:
             return
         kept = [row for row in iter_jsonl(self.path) if row.get("step", 0) <= step]
-        write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+        with writing(f"the metrics log {self.path}", self.path):
+            write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def append(self, row: dict[str, Any]) -> None:
+        """One row, whole or not at all (a full disk is a WriteFailed, never a torn line)."""
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        with writing(f"the metrics log {self.path}", self.path):
+            append_line(self.path, json.dumps(row) + "\n")

@@ -58,20 +58,23 @@ def check_devices(ids: list[int]) -> None:
         raise LlmctlError(f"--devices asks for GPU {', '.join(map(str, missing))}, but this machine has {have}.")
 
 
-def check_accelerate_config(path: Path) -> None:
-    """Refuse a config file Accelerate could not read, before starting any process."""
+def check_accelerate_config(path: Path) -> int | None:
+    """Refuse a config file Accelerate could not read, before starting any process; return the number of
+    processes it asks for (None when it names none)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     if not path.is_file():
         raise LlmctlError(f"--accelerate-config {path}: no such file.")
     try:
-        load_config_from_file(str(path))
+        config = load_config_from_file(str(path))
     except Exception as e:  # yaml, json and dataclass errors alike: the file is what is wrong
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LlmctlError(
             f"--accelerate-config {path}: not a valid Accelerate config ({first}); "
             "write one with `accelerate config --config_file PATH`."
         ) from None
+    processes = getattr(config, "num_processes", None)
+    return processes if isinstance(processes, int) and processes > 0 else None
 
 
 def launch_command(

@@ -14,10 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from llmctl import __version__
-from llmctl.artifacts import DatasetDir, RunDir, write_atomic
+from llmctl.artifacts import (
+    DatasetDir,
+    RunDir,
+    WriteFailed,
+    refuse_output_over_inputs,
+    remove_path,
+    write_atomic,
+    writing,
+)
 from llmctl.config.loader import recipe_to_yaml
-from llmctl.config.schema import Recipe
+from llmctl.config.schema import Recipe, TrainConfig
 from llmctl.errors import EXIT_FAILURE, LlmctlError
+
+# A run whose recipe evaluates less often than the run is long gets about this many evaluations instead.
+EVALS_IN_A_SHORT_RUN = 5
 
 
 class TrainCallbacks:
@@ -47,13 +58,21 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> tuple[int, Path] | None:
-    """Apply DESIGN.md's run dir rules before any work; return the checkpoint to resume from."""
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe: Recipe | None = None) -> tuple[int, Path] | None:
+    """Apply DESIGN.md's run dir rules before any work; return the checkpoint to resume from.
+
+    With `recipe`, a run dir that is one of its inputs or lies inside one (the dataset dir, a source
+    directory, model.init_from), or holds an input where the run replaces files, is refused too.
+    """
     from llmctl.training.checkpoints import check_checkpoint
 
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; choose one.", kind="usage")
     rd = RunDir(Path(run_dir))
+    if rd.path.exists() and not rd.path.is_dir():
+        raise LlmctlError(f"--run-dir {rd.path}: is an existing file; name a directory (new, or a run dir to resume).")
+    if recipe is not None:
+        _refuse_run_dir_over_inputs(rd, recipe)
     latest = rd.latest_checkpoint()
     if resume:
         if latest is None:
@@ -66,6 +85,84 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> tuple[int,
             "or --overwrite to start over."
         )
     return None
+
+
+def _run_inputs(recipe: Recipe) -> list[tuple[str, Path]]:
+    """What a training run reads, as (what, path): the dataset dir, local sources, tokenizer, init_from."""
+    inputs = [("the dataset dir (data.dir)", recipe.data_dir())]
+    for key, specs in (("data.sources", recipe.data.sources), ("data.val_sources", recipe.data.val_sources or [])):
+        for i, spec in enumerate(specs):
+            if not spec.path.startswith("builtin:") and Path(spec.path).exists():
+                inputs.append((f"{key}[{i}]", Path(spec.path)))
+    if recipe.data.tokenizer:
+        inputs.append(("data.tokenizer", Path(recipe.data.tokenizer)))
+    init = recipe.model.init_from
+    if init and Path(init).exists():
+        inputs.append(("model.init_from", Path(init)))
+    return inputs
+
+
+def _refuse_run_dir_over_inputs(rd: RunDir, recipe: Recipe) -> None:
+    """A run writes recipe.yaml, metrics.jsonl, checkpoints/, model/ (and tracker logs) into its run dir and
+    --overwrite deletes some of them: refuse a run dir that is an input, lies inside one, or would replace one."""
+    inputs = _run_inputs(recipe)
+    refuse_output_over_inputs("--run-dir", rd.path, inputs)
+    replaced = [rd.model.path, rd.checkpoints, rd.metrics, rd.recipe]
+    for what, path in inputs:
+        source = Path(path).resolve()
+        for part in replaced:
+            if source == part.resolve() or part.resolve() in source.parents:
+                raise LlmctlError(
+                    f"{what} {path}: inside the run dir's {part.name}, which training into --run-dir {rd.path} "
+                    "replaces; train into another --run-dir (or copy the input elsewhere first)."
+                )
+
+
+def check_batch_split(cfg: TrainConfig, processes: int) -> None:
+    """Refuse a batch that the processes (and a given micro-batch) cannot split evenly, before any starts."""
+    if cfg.batch_size % processes:
+        raise LlmctlError(
+            f"train.batch_size ({cfg.batch_size}) must be a multiple of the process count ({processes}); "
+            "change one of them."
+        )
+    micro = cfg.micro_batch_size
+    if isinstance(micro, int) and cfg.batch_size % (micro * processes):
+        raise LlmctlError(
+            f"train.batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size x processes "
+            f"({micro} x {processes}); choose a train.micro_batch_size that divides {cfg.batch_size // processes} "
+            "(each process's share)."
+        )
+
+
+def scaled_eval_every(cfg: TrainConfig, max_steps: int, steps_per_epoch: int | None) -> tuple[int, str | None]:
+    """The evaluation interval (steps) a run of `max_steps` uses, and a note when it is not train.eval_every.
+
+    An eval_every beyond the run's length (a recipe written for more data or steps) would evaluate once,
+    at the end, leaving best-model selection and early stopping nothing to choose from: such a run
+    evaluates once an epoch when it trains 2 or more epochs, else EVALS_IN_A_SHORT_RUN times. An
+    eval_every equal to max_steps is a deliberate single evaluation and is kept.
+    """
+    if cfg.eval_every <= max_steps or max_steps < 2:
+        return cfg.eval_every, None
+    if cfg.epochs and cfg.epochs >= 2 and steps_per_epoch and steps_per_epoch < max_steps:
+        every, how = steps_per_epoch, "once an epoch"
+    else:
+        every = math.ceil(max_steps / EVALS_IN_A_SHORT_RUN)
+        how = f"{math.ceil(max_steps / every)} evaluations"
+    note = (
+        f"train.eval_every ({cfg.eval_every}) is beyond this run's {max_steps} steps, so it would evaluate only at the "
+        f"end: evaluating every {every} steps ({how}) instead; set train.eval_every={max_steps} for one evaluation"
+    )
+    return every, note
+
+
+def _resume_remedy(rd: RunDir, failure: WriteFailed) -> str:
+    """What to do after a write failed mid-run: the newest whole checkpoint, and how to continue from it."""
+    latest = rd.latest_checkpoint()
+    if latest is None:
+        return f"No checkpoint was written yet: {failure.fix}, then run the command again."
+    return (f"The newest checkpoint, {latest[1]}, is intact: {failure.fix}, then run `llmctl train` again with --resume "
+            "(instead of --overwrite) to continue from it.")
 
 
 def _check_precision(precision: str) -> str:
@@ -143,10 +240,8 @@ def resolve_micro_batch(recipe: Recipe, processes: int, device: str, vocab_size:
         if cfg.micro_batch_size == "auto":
             raise LlmctlError("train.micro_batch_size: auto plans the memory of language models; give a number "
                               "(or null) for classification.")
-        micro = cfg.micro_batch_size or cfg.batch_size // processes
-        if cfg.batch_size % processes:
-            raise LlmctlError(f"train.batch_size ({cfg.batch_size}) must be a multiple of the process count ({processes}).")
-        return micro, None
+        check_batch_split(cfg, processes)
+        return cfg.micro_batch_size or cfg.batch_size // processes, None
     from llmctl.training.tasks import model_config_of
 
     model_config = model_config_of(recipe, vocab_size)
@@ -160,8 +255,7 @@ def resolve_micro_batch(recipe: Recipe, processes: int, device: str, vocab_size:
             strategy=cfg.strategy, device=device,
         )
     if micro is None:
-        if cfg.batch_size % processes:
-            raise LlmctlError(f"train.batch_size ({cfg.batch_size}) must be a multiple of the process count ({processes}).")
+        check_batch_split(cfg, processes)
         micro = cfg.batch_size // processes  # each process its share of the batch, no accumulation
     plan = estimate_memory(
         model_config, cfg.optimizer, cfg.precision, micro,
@@ -212,7 +306,18 @@ def train(
     overwrite: bool = False,
     callbacks: TrainCallbacks | None = None,
 ) -> TrainResult:
-    """Train the recipe's model on its prepared dataset, writing the run dir of DESIGN.md."""
+    """Train the recipe's model on its prepared dataset, writing the run dir of DESIGN.md.
+
+    A write that fails on a full disk or a refused permission (a checkpoint, the model dir, the metrics
+    log) is a WriteFailed naming the newest intact checkpoint and saying that --resume continues from it.
+    """
+    try:
+        return _train(recipe, Path(run_dir), resume=resume, overwrite=overwrite, callbacks=callbacks)
+    except WriteFailed as failure:
+        raise failure.with_remedy(_resume_remedy(RunDir(Path(run_dir)), failure)) from None
+
+
+def _train(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool, callbacks: TrainCallbacks | None) -> TrainResult:
     import torch
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
@@ -232,7 +337,7 @@ def train(
 
         check_trackers(cfg.log_with)
     rd = RunDir(Path(run_dir))
-    resume_from = check_run_dir(rd.path, resume=resume, overwrite=overwrite)
+    resume_from = check_run_dir(rd.path, resume=resume, overwrite=overwrite, recipe=recipe)
     if resume_from:
         _same_model(rd, recipe)
     mixed = _check_precision(cfg.precision)
@@ -240,17 +345,14 @@ def train(
     dataset = DatasetDir(recipe.data_dir())
     task = build_task(recipe)
     max_steps = steps_for_epochs(cfg.epochs, task.train_examples(), cfg.batch_size) if cfg.epochs else cfg.max_steps
+    eval_every, eval_note = scaled_eval_every(cfg, max_steps, steps_for_epochs(1, task.train_examples(), cfg.batch_size))
 
     from llmctl.training.launch import cpu_workers
 
     distributed = PartialState(cpu=cpu_workers())
     world = distributed.num_processes
     micro, plan = resolve_micro_batch(recipe, world, str(distributed.device), task.vocab_size)
-    if cfg.batch_size % (micro * world):
-        raise LlmctlError(
-            f"train.batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size x processes "
-            f"({micro} x {world})."
-        )
+    check_batch_split(cfg.model_copy(update={"micro_batch_size": micro}), world)
     accum = cfg.batch_size // (micro * world)
     accelerator = Accelerator(
         cpu=cpu_workers(),
@@ -329,13 +431,20 @@ def train(
         metrics.truncate_after(start_step)
     tracker_dir = rd.path / (recipe.run.name or rd.path.name)  # where Accelerate's trackers write (TensorBoard events)
     if main:
+        stale = rd.stale_temporaries()  # what a killed run left half-written (a copy of model/, a checkpoint)
+        for path in stale:
+            remove_path(path)
+        if stale:
+            cb.on_message(f"removed {len(stale)} half-written temporary file(s) an interrupted run left in {rd.path}: "
+                          f"{', '.join(p.name for p in stale[:3])}{', ...' if len(stale) > 3 else ''}")
         if overwrite and rd.path.exists():
             for child in (rd.checkpoints, rd.model.path, tracker_dir):
                 shutil.rmtree(child, ignore_errors=True)
         if not resume_from:
             rd.metrics.unlink(missing_ok=True)
-        rd.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(rd.recipe, recipe_to_yaml(recipe))
+        with writing(f"the run dir {rd.path}", rd.path):
+            rd.path.mkdir(parents=True, exist_ok=True)
+            write_atomic(rd.recipe, recipe_to_yaml(recipe))
     accelerator.wait_for_everyone()
     if cfg.log_with:  # trackers write on the main process only (Accelerate's on_main_process)
         from llmctl.training.trackers import flat_config, tracker_row
@@ -447,6 +556,8 @@ def train(
             **task.info(),
         }
     )
+    if eval_note:
+        cb.on_message(eval_note)
     truncated = task.info().get("truncated_examples")
     if truncated:
         cb.on_message(f"{truncated:,} train conversations are longer than model.context_length + 1 "
@@ -519,7 +630,7 @@ def train(
             window_t0, window_tokens, window_micro = now, 0, 0
         cb.on_step(step, row)
 
-        if step % cfg.eval_every == 0 or step == max_steps:
+        if step % eval_every == 0 or step == max_steps:
             figures = evaluate()
             last_val = figures["val_loss"]
             eval_row = {"step": step, "tokens": state["tokens"], **figures,
@@ -576,7 +687,7 @@ def train(
         best_step=state["best_step"],
         stopped_early=stopped_early,
         elapsed_s=state["elapsed_s"],
-        extra={"micro_batch_size": micro, "accumulation": accum, "skipped_nonfinite": state["skipped"],
+        extra={"micro_batch_size": micro, "accumulation": accum, "eval_every": eval_every, "skipped_nonfinite": state["skipped"],
                "monitor": cfg.monitor, "best_monitor": state["best_monitor"], "task": task.kind,
                **({"examples": state["examples"]} if task.kind != "lm" else {})},
     )

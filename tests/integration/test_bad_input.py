@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from tests.integration.conftest import assert_clean_failure, run_cli
@@ -126,3 +127,71 @@ def test_checkpoint_from_a_different_model_shape(workdir: Path) -> None:
     proc = run_cli(workdir, "train", "tiny.yaml", "model.d_model=64", "--resume", check=False)
     assert_clean_failure(proc, 2, "cannot be loaded into this recipe's model")
     assert _digest(workdir / "runs/tiny") == before
+
+
+# --- output paths over inputs, recipes that say a thing twice, broken command-line YAML -----------------
+
+
+def test_run_dir_that_is_the_dataset_dir_is_refused_and_leaves_it_untouched(workdir: Path) -> None:
+    run_cli(workdir, "prepare", "tiny.yaml")
+    before = _digest(workdir / "data/tiny")
+    proc = run_cli(workdir, "train", "tiny.yaml", "--run-dir", "data/tiny", check=False)
+    assert_clean_failure(proc, 2, "--run-dir data/tiny: the same path as the dataset dir (data.dir)")
+    assert _digest(workdir / "data/tiny") == before
+
+
+def test_run_dir_inside_a_source_directory_is_refused(workdir: Path) -> None:
+    proc = run_cli(workdir, "train", "tiny.yaml", "--run-dir", "corpus/run", check=False)
+    assert_clean_failure(proc, 2, "--run-dir corpus/run: inside data.sources[0] (corpus)")
+    assert not (workdir / "corpus/run").exists() and not (workdir / "data").exists()
+
+
+def test_run_dir_that_is_an_existing_file_is_refused(workdir: Path) -> None:
+    (workdir / "notes.txt").write_text("mine\n")
+    proc = run_cli(workdir, "train", "tiny.yaml", "--run-dir", "notes.txt", "--json", check=False)
+    assert_clean_failure(proc, 2, "--run-dir notes.txt: is an existing file")
+    assert json.loads(proc.stdout)["error"]["kind"] == "bad_input"
+    assert (workdir / "notes.txt").read_text() == "mine\n"
+
+
+def test_dataset_dir_inside_a_source_directory_is_refused(workdir: Path) -> None:
+    proc = run_cli(workdir, "prepare", "tiny.yaml", "data.dir=corpus/ds", check=False)
+    assert_clean_failure(proc, 2, "data.dir corpus/ds: inside the directory source data.sources[0] 'corpus'")
+    assert not (workdir / "corpus/ds").exists()
+
+
+def test_a_recipe_key_given_twice_is_refused_with_its_line(workdir: Path) -> None:
+    text = (workdir / "tiny.yaml").read_text().replace("  lr: 3.0e-3\n", "  lr: 3.0e-3\n  lr: 0.5\n")
+    (workdir / "tiny.yaml").write_text(text)
+    line = text.splitlines().index("  lr: 0.5") + 1
+    proc = run_cli(workdir, "train", "tiny.yaml", check=False)
+    assert_clean_failure(proc, 2, f"tiny.yaml:{line} train.lr: given twice (first at line {line - 1})")
+    assert not (workdir / "data").exists()
+
+
+def test_a_broken_yaml_list_on_the_command_line_is_refused(workdir: Path) -> None:
+    proc = run_cli(workdir, "prepare", "tiny.yaml", "data.sources=[a.txt, b", check=False)
+    assert_clean_failure(proc, 2, "command line data.sources: not valid YAML (")
+    assert "glob" not in proc.stderr
+
+
+def test_model_dir_config_with_a_wrong_type_names_the_file_and_key(workdir: Path) -> None:
+    run_cli(workdir, "train", "tiny.yaml", "train.max_steps=2")
+    config_file = workdir / "runs/tiny/model/config.json"
+    config = json.loads(config_file.read_text())
+    config["n_layer"] = "two"
+    config_file.write_text(json.dumps(config))
+    proc = run_cli(workdir, "eval", "runs/tiny/model", check=False)
+    assert_clean_failure(proc, 2, "runs/tiny/model/config.json n_layer: must be an integer, got 'two'")
+
+
+def test_a_directory_source_skips_bytecode_and_version_control_and_says_how_many(workdir: Path) -> None:
+    pkg = workdir / "corpus"
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__/doc0.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\0\0\0\0" + os.urandom(64))
+    (pkg / ".git").mkdir()
+    (pkg / ".git/HEAD").write_text("ref: refs/heads/main\n")
+    (pkg / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    proc = run_cli(workdir, "prepare", "tiny.yaml", "--json")
+    assert "directory sources: skipped 1 binary file, 2 directories (.git, __pycache__)" in proc.stderr
+    assert json.loads(proc.stdout)["files"] == 6  # the six text files, no bytecode

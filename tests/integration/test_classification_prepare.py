@@ -53,6 +53,16 @@ BAD_INPUTS = {
     "missing label column": ("text,stars\ngood,5\nbad,1\n", "reviews.csv:1: no label column 'label' (columns: text, stars)"),
     "empty text": ('text,label\ngood,pos\n"  ",neg\nbad,neg\n', "reviews.csv:3: the text ('text') is empty"),
     "ragged row": ("text,label\ngood,pos\nbad,neg\nnot good, not bad,neg\n", "reviews.csv:4: 3 field(s) where the header has 2"),
+    # The issue's two files: 5 fields on line 7 (and 2 on line 8) where the header has 3; a quote open on line 3.
+    "ragged rows after good ones": (
+        "text,label,note\n" + "".join(f"review {i},{'pos' if i % 2 else 'neg'},x\n" for i in range(5))
+        + "a,b,c,d,e\na,b\n" + "".join(f"review {i},{'pos' if i % 2 else 'neg'},x\n" for i in range(30)),
+        "reviews.csv:7: 5 field(s) where the header has 3",
+    ),
+    "quote left open": (
+        "text,label\ngood,pos\n\"an open quote,neg\n" + "".join(f"review {i},{'pos' if i % 2 else 'neg'}\n" for i in range(30)),
+        "reviews.csv:3: a quote opened on this line is never closed",
+    ),
 }
 
 
@@ -73,3 +83,18 @@ def test_a_val_label_never_seen_in_train_exits_2_naming_it(recipe_dir: Path) -> 
     assert_clean_failure(proc, 2, "val.csv:3: label 'mixed' never occurs in train")
     assert json.loads(proc.stdout)["error"]["kind"] == "bad_input"
     assert not (recipe_dir / "data").exists()
+
+
+def test_a_small_own_dataset_is_evaluated_once_an_epoch_not_once_at_the_end(tmp_path: Path) -> None:
+    # The README's one-override path: the shipped recipe evaluates every 150 steps, written for 4,800 sentences;
+    # 240 rows give 192 train rows, 6 steps an epoch, 60 steps in 10 epochs.
+    run_cli(tmp_path, "recipes", "cp", "sentiment-rnn", "mine.yaml")
+    words = ["good", "bad", "great", "dull", "fine", "awful"]
+    rows = [(f"the film was {words[i % 6]} and {words[(i * 5) % 6]}", "pos" if i % 6 in (0, 2, 4) else "neg") for i in range(240)]
+    (tmp_path / "toy.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows), encoding="utf-8")
+    proc = run_cli(tmp_path, "train", "mine.yaml", "data.sources=toy.csv", "--json")
+    assert "train.eval_every (150) is beyond this run's 60 steps" in proc.stderr
+    assert "evaluating every 6 steps (once an epoch)" in proc.stderr
+    assert json.loads(proc.stdout)["eval_every"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "runs/mine/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == list(range(6, 61, 6))

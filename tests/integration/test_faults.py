@@ -1,4 +1,5 @@
-"""Crashes and bad steps: kill -9 and resume, a death mid-checkpoint, out-of-memory, NaN losses."""
+"""Crashes and bad steps: kill -9 and resume, a death mid-checkpoint, out-of-memory, NaN losses, and a full disk
+or a refused permission at each write site (checkpoint, model dir, metrics, dataset shards, export files)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from tests.integration.conftest import TINY_RECIPE, assert_clean_failure, metrics, run_cli, run_cli_with
@@ -93,3 +95,91 @@ def test_skip_nonfinite_skips_the_bad_batch_and_logs_it(workdir: Path) -> None:
     rows = metrics(workdir / "runs/tiny")
     assert {"step": 8, "event": "nonfinite_skipped", "skipped": 1} in rows
     assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no NaN reached the log
+
+
+# --- a full disk, a refused permission: one line, exit 1, nothing partial left, --resume goes on -------------
+
+
+def _one_error_line(proc) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*") if p.name.endswith((".tmp", ".old")))
+
+
+@pytest.mark.parametrize("file", ["optimizer.bin", "model.safetensors"])
+def test_a_full_disk_during_a_checkpoint_is_one_line_naming_the_intact_one_and_resume_continues(workdir: Path, file: str) -> None:
+    # optimizer.bin goes through torch.save, whose zip writer hides the errno ("unexpected pos ..."): the free
+    # space says what happened; model.safetensors through safetensors, which says "(os error 28)".
+    (workdir / "tiny.yaml").write_text(TINY_RECIPE.format(max_steps=15))
+    fault = f"write-fails:ENOSPC:*/checkpoints/.step-10.tmp/{file}"
+    proc = run_cli_with(workdir, {"LLMCTL_TEST_FAULT": fault}, "train", "tiny.yaml", check=False)
+    assert_clean_failure(proc, 1, "cannot write the checkpoint runs/tiny/checkpoints/step-10: no space left on device",
+                         "free there", "The newest checkpoint, runs/tiny/checkpoints/step-5, is intact", "--resume")
+    _one_error_line(proc)
+    ckpts = workdir / "runs/tiny/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "step-5"]  # the partial .step-10.tmp is gone
+    run_cli(workdir, "train", "tiny.yaml", "--resume")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "step-10", "step-15", "step-5"]
+    assert metrics(workdir / "runs/tiny")[-1]["step"] == 15
+
+
+def test_a_full_disk_while_writing_the_final_model_dir_keeps_the_checkpoint_for_resume(workdir: Path) -> None:
+    proc = run_cli_with(workdir, {"LLMCTL_TEST_FAULT": "write-fails:ENOSPC:*/runs/tiny/.model.*.tmp/*"}, "train", "tiny.yaml",
+                        check=False)
+    assert_clean_failure(proc, 1, "cannot write the model dir runs/tiny/model", "no space left on device",
+                         "runs/tiny/checkpoints/step-10, is intact", "--resume")
+    assert _temporaries(workdir / "runs") == [] and not (workdir / "runs/tiny/model").exists()
+    run_cli(workdir, "train", "tiny.yaml", "--resume")
+    assert (workdir / "runs/tiny/model/model.safetensors").is_file()
+
+
+def test_a_full_disk_on_the_metrics_log_leaves_whole_rows_and_names_the_checkpoint(workdir: Path) -> None:
+    # Rows: steps 1-5, the eval of step 5, step 6; the 8th append (step 7) meets the full disk.
+    fault = "write-fails:ENOSPC:*/runs/tiny/metrics.jsonl@8"
+    proc = run_cli_with(workdir, {"LLMCTL_TEST_FAULT": fault}, "train", "tiny.yaml", check=False)
+    assert_clean_failure(proc, 1, "cannot write the metrics log runs/tiny/metrics.jsonl: no space left on device",
+                         "runs/tiny/checkpoints/step-5, is intact")
+    assert [r["step"] for r in metrics(workdir / "runs/tiny")] == [1, 2, 3, 4, 5, 5, 6]
+
+
+def test_a_refused_permission_on_the_run_dir_is_one_line(workdir: Path) -> None:
+    proc = run_cli_with(workdir, {"LLMCTL_TEST_FAULT": "write-fails:EACCES:*/runs/tiny/metrics.jsonl"}, "train", "tiny.yaml",
+                        check=False)
+    assert_clean_failure(proc, 1, "cannot write the metrics log runs/tiny/metrics.jsonl: permission denied",
+                         "No checkpoint was written yet: make it writable")
+    assert "free there" not in proc.stderr
+
+
+def test_a_full_disk_during_prepare_keeps_the_earlier_dataset_dir(workdir: Path) -> None:
+    run_cli(workdir, "prepare", "tiny.yaml")
+    before = {p.name: p.read_bytes() for p in (workdir / "data/tiny").iterdir()}
+    proc = run_cli_with(workdir, {"LLMCTL_TEST_FAULT": "write-fails:ENOSPC:*/train.bin"}, "prepare", "tiny.yaml", "--force",
+                        check=False)
+    assert_clean_failure(proc, 1, "cannot write the dataset dir data/tiny (train.bin): no space left on device",
+                         "The earlier data/tiny is unchanged")
+    assert {p.name: p.read_bytes() for p in (workdir / "data/tiny").iterdir()} == before
+    assert _temporaries(workdir / "data") == []
+
+
+def test_a_full_disk_during_export_leaves_no_partial_export_dir(workdir: Path) -> None:
+    run_cli(workdir, "train", "tiny.yaml", "train.max_steps=2")
+    proc = run_cli_with(workdir, {"LLMCTL_TEST_FAULT": "write-fails:ENOSPC:*/model.onnx*"}, "export", "runs/tiny/model",
+                        "-o", "out/onnx", check=False)
+    assert_clean_failure(proc, 1, "cannot write the export dir out/onnx", "no space left on device")
+    assert not (workdir / "out").exists() or list((workdir / "out").iterdir()) == []
+
+
+def test_temporaries_a_killed_run_left_are_removed_when_it_resumes(workdir: Path) -> None:
+    run_cli(workdir, "train", "tiny.yaml")
+    run = workdir / "runs/tiny"
+    # What kill -9 leaves mid-copy of model/ and mid-checkpoint: staging dirs with part of their files.
+    (run / ".model.k2j4h_x1.tmp").mkdir()
+    (run / ".model.k2j4h_x1.tmp/model.safetensors").write_bytes(b"\0" * 4096)
+    (run / "checkpoints/.step-12.tmp").mkdir()
+    proc = run_cli(workdir, "train", "tiny.yaml", "train.max_steps=12", "--resume")
+    assert "removed 2 half-written temporary file(s)" in proc.stderr
+    assert _temporaries(run) == []

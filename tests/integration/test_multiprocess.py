@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from tests.integration.conftest import TINY_RECIPE, metrics, run_cli, run_cli_with
+from tests.integration.conftest import TINY_RECIPE, assert_clean_failure, metrics, run_cli, run_cli_with
 
 # SGD with dropout 0 and a constant lr: one process and two must agree to rounding (NOTES.md).
 SGD = ["train.optimizer=sgd", "train.momentum=0.9", "train.schedule=constant", "train.warmup_steps=0", "train.lr=0.05"]
@@ -63,3 +63,14 @@ def test_resuming_a_two_process_run_continues_with_the_same_losses(workdir: Path
     whole, cut = metrics(workdir / "runs/whole"), metrics(workdir / "runs/cut")
     assert [r["loss"] for r in cut if "loss" in r] == [r["loss"] for r in whole if "loss" in r]
     assert [r["val_loss"] for r in cut if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]
+
+
+def test_a_batch_three_processes_cannot_split_is_refused_once_before_any_starts(workdir: Path) -> None:
+    proc = run_cli(workdir, "train", "tiny.yaml", "train.micro_batch_size=8", "--nproc", "3", check=False)
+    assert_clean_failure(proc, 2, "train.batch_size (8) must be a multiple of the process count (3)")
+    assert proc.stderr.count("error:") == 1 and "launching" not in proc.stderr
+    assert not (workdir / "data").exists() and not (workdir / "runs").exists()  # refused before prepare too
+    (workdir / "big.yaml").write_text((workdir / "tiny.yaml").read_text().replace("batch_size: 8", "batch_size: 24"))
+    proc = run_cli(workdir, "train", "big.yaml", "train.micro_batch_size=8", "--nproc", "2", check=False)
+    assert_clean_failure(proc, 2, "micro_batch_size x processes (8 x 2); choose a train.micro_batch_size that divides 12")
+    assert "launching" not in proc.stderr

@@ -368,3 +368,200 @@ def test_resume_and_overwrite_together_are_refused(tmp_path):
     with pytest.raises(LlmctlError, match="--resume and --overwrite contradict each other") as info:
         check_run_dir(tmp_path / "run", resume=True, overwrite=True)
     assert info.value.kind == "usage"
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(LlmctlError, match=r"--run-dir .*notes\.txt: is an existing file") as info:
+        check_run_dir(tmp_path / "notes.txt", resume=False, overwrite=False)
+    assert info.value.exit_code == 2
+
+
+def _recipe(tmp_path: Path, **data) -> "Recipe":
+    from llmctl.config.schema import Recipe
+
+    (tmp_path / "corpus").mkdir(exist_ok=True)
+    return Recipe.model_validate({"run": {"name": "r"}, "data": {"sources": [str(tmp_path / "corpus")],
+                                                                 "dir": str(tmp_path / "data/r"), **data}})
+
+
+@pytest.mark.parametrize("run, problem", [
+    ("data/r", r"--run-dir .*data/r: the same path as the dataset dir \(data\.dir\)"),
+    ("data/r/run", r"--run-dir .*data/r/run: inside the dataset dir \(data\.dir\)"),
+    ("corpus/run", r"--run-dir .*corpus/run: inside data\.sources\[0\]"),
+])
+def test_a_run_dir_over_an_input_is_refused(tmp_path, run, problem):
+    with pytest.raises(LlmctlError, match=problem):
+        check_run_dir(tmp_path / run, resume=False, overwrite=False, recipe=_recipe(tmp_path))
+
+
+def test_an_input_inside_the_files_a_run_replaces_is_refused(tmp_path):
+    from llmctl.config.schema import Recipe
+
+    recipe = _recipe(tmp_path)
+    model = tmp_path / "runs/r/model"
+    model.mkdir(parents=True)
+    recipe = Recipe.model_validate({**recipe.model_dump(), "model": {"init_from": str(model)}})
+    with pytest.raises(LlmctlError, match=r"model\.init_from .*runs/r/model: inside the run dir's model"):
+        check_run_dir(tmp_path / "runs/r", resume=False, overwrite=True, recipe=recipe)
+    assert check_run_dir(tmp_path / "runs/other", resume=False, overwrite=False, recipe=recipe) is None
+
+
+def test_stale_temporaries_are_what_an_interrupted_run_leaves(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    make_checkpoint(rd.path, 5)
+    stale = [rd.path / ".model.k2j4h_x1.tmp", rd.path / ".model.old", rd.checkpoints / ".step-10.tmp",
+             rd.checkpoints / ".best.a1b2c3d4.tmp", rd.path / ".metrics.jsonl.abc.tmp"]
+    for path in stale:
+        path.mkdir() if not path.name.startswith(".metrics") else path.write_text("{")
+    (rd.path / "model").mkdir()
+    assert rd.stale_temporaries() == sorted(stale)
+
+
+# --- evaluation scaled to the run, and the batch split ---------------------------------------------------
+
+
+@pytest.mark.parametrize("settings, max_steps, per_epoch, every, note", [
+    ({"eval_every": 150, "epochs": 10}, 75, 8, 8, "once an epoch"),  # the README's own-CSV case
+    ({"eval_every": 150}, 75, None, 15, "5 evaluations"),
+    ({"eval_every": 150, "epochs": 1}, 75, 75, 15, "5 evaluations"),
+    ({"eval_every": 75}, 75, None, 75, None),  # one evaluation at the end, chosen
+    ({"eval_every": 20}, 75, None, 20, None),
+    ({"eval_every": 150}, 1, None, 150, None),
+])
+def test_an_eval_interval_beyond_the_run_is_scaled_to_it_and_says_so(settings, max_steps, per_epoch, every, note):
+    from llmctl.training.trainer import scaled_eval_every
+
+    got, message = scaled_eval_every(TrainConfig(**settings), max_steps, per_epoch)
+    assert got == every
+    if note is None:
+        assert message is None
+    else:
+        assert f"train.eval_every ({settings['eval_every']}) is beyond this run's {max_steps} steps" in message
+        assert f"evaluating every {every} steps ({note})" in message
+
+
+def test_a_batch_the_processes_cannot_split_is_refused_naming_the_sizes():
+    from llmctl.training.trainer import check_batch_split
+
+    check_batch_split(TrainConfig(batch_size=16, micro_batch_size=8), 2)
+    with pytest.raises(LlmctlError, match=r"train\.batch_size \(24\) must be a multiple of micro_batch_size x "
+                                          r"processes \(8 x 2\); choose a train\.micro_batch_size that divides 12"):
+        check_batch_split(TrainConfig(batch_size=24, micro_batch_size=8), 2)
+    with pytest.raises(LlmctlError, match=r"train\.batch_size \(16\) must be a multiple of the process count \(3\)"):
+        check_batch_split(TrainConfig(batch_size=16, micro_batch_size=8), 3)
+
+
+# --- a write that fails: a full disk or a refused permission is one line, and nothing partial stays -------
+
+
+def test_a_full_disk_is_named_with_the_write_the_path_and_the_free_space(tmp_path):
+    import errno
+
+    from llmctl.artifacts import write_failure
+
+    failure = write_failure(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x" / "optimizer.bin")),
+                            f"the checkpoint {tmp_path / 'x'}", tmp_path / "x")
+    assert failure.message.startswith(f"cannot write the checkpoint {tmp_path / 'x'} (optimizer.bin): no space left on device; ")
+    assert " free there." in failure.message
+    assert (failure.kind, failure.exit_code) == ("disk_full", 1)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+    Exception("No space left on device (os error 28)"),  # tokenizers' save
+    OSError("[Errno 28] No space left on device: 'a' -> 'b'"),  # shutil.Error
+])
+def test_a_full_disk_is_recognised_in_the_messages_of_writers_that_hide_the_errno(tmp_path, error):
+    from llmctl.artifacts import write_failure
+
+    assert write_failure(error, "the model dir", tmp_path).kind == "disk_full"
+
+
+def test_torchs_zip_writer_error_is_a_full_disk_only_when_the_disk_is_nearly_full(tmp_path, monkeypatch):
+    import shutil
+
+    from llmctl.artifacts import write_failure
+
+    error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5120 vs 5012")
+    assert write_failure(error, "the checkpoint", tmp_path) is None  # this disk has room: some other failure
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 4096))
+    failure = write_failure(error, "the checkpoint", tmp_path)
+    assert "no space left on device; 4.00 KiB free there" in failure.message
+
+
+def test_a_refused_permission_is_one_line_and_other_errors_are_left_alone(tmp_path):
+    import errno
+
+    from llmctl.artifacts import write_failure
+
+    failure = write_failure(PermissionError(errno.EACCES, "Permission denied"), "the run dir runs/x", tmp_path)
+    assert failure.message.startswith("cannot write the run dir runs/x: permission denied. Make it writable")
+    assert failure.kind == "not_writable"
+    assert write_failure(ValueError("a bug"), "the run dir", tmp_path) is None
+    assert write_failure(OSError(errno.EIO, "I/O error"), "the run dir", tmp_path) is None
+
+
+def test_writing_removes_the_partial_file_and_reraises_an_ordinary_error(tmp_path):
+    import errno
+
+    from llmctl.artifacts import WriteFailed, writing
+
+    partial = tmp_path / ".step-3.tmp"
+    partial.mkdir()
+    with pytest.raises(ValueError):
+        with writing("the checkpoint", tmp_path / "step-3", partial=partial):
+            raise ValueError("a bug")
+    assert not partial.exists()
+    partial.mkdir()
+    with pytest.raises(WriteFailed, match="no space left on device"):
+        with writing("the checkpoint", tmp_path / "step-3", partial=partial):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not partial.exists()
+
+
+def test_a_failed_staged_dir_leaves_the_earlier_dir_and_no_staging_dir(tmp_path):
+    import errno
+
+    from llmctl.artifacts import WriteFailed, staged_dir
+
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "config.json").write_text("old")
+    with pytest.raises(WriteFailed) as info:
+        with staged_dir(final, f"the model dir {final}") as stage:
+            (stage / "config.json").write_text("new")
+            raise OSError(errno.ENOSPC, "No space left on device", str(stage / "model.safetensors"))
+    assert f"The earlier {final} is unchanged." in info.value.message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (final / "config.json").read_text() == "old"
+
+
+def test_a_metrics_row_that_hits_a_full_disk_is_cut_back_off(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from llmctl.artifacts import WriteFailed
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    log.append({"step": 1, "loss": 1.0})
+    before = log.path.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(WriteFailed, match=r"cannot write the metrics log .*metrics\.jsonl: no space left on device"):
+        log.append({"step": 2, "loss": 0.5})
+    monkeypatch.setattr(os, "write", real_write)
+    assert log.path.read_bytes() == before
+
+
+def test_model_safetensors_gets_the_same_mode_as_the_other_files(tiny_gpt, tiny_tokenizer_path, tmp_path):
+    from llmctl.models.model_dir import save_model_dir
+
+    save_model_dir(tiny_gpt(), tmp_path / "model", tokenizer_path=tiny_tokenizer_path, provenance={})
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir()}
+    assert len(set(modes.values())) == 1, modes

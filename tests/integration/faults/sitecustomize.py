@@ -7,6 +7,13 @@ LLMCTL_TEST_TRACE is set:
   LLMCTL_TEST_FAULT=oom-above:N        a training forward with more than N rows raises torch.OutOfMemoryError
   LLMCTL_TEST_FAULT=nan-at:K           the K-th training forward returns NaN logits
   LLMCTL_TEST_FAULT=die-before-rename:K  the K-th checkpoint dies (exit 137) after it is written, before its rename
+  LLMCTL_TEST_FAULT=write-fails:ERRNO:GLOB[@N]  from the N-th (default 1st) write to a file whose absolute path matches
+                                       GLOB (fnmatch) on, the write fails with ERRNO (ENOSPC or EACCES), as a full disk or
+                                       a refused permission does: Python's open/os.open/os.mkdir raise OSError(ERRNO);
+                                       safetensors' save_file writes a partial file and raises its own SafetensorError
+                                       ("... (os error 28)"); torch.save writes a partial file and raises the RuntimeError
+                                       of its zip writer, which never names the errno ("unexpected pos ..."). After an
+                                       ENOSPC fault os.statvfs reports the disk full, as it would be.
   LLMCTL_TEST_TRACE=DIR                each rank appends to DIR/rank-R.jsonl (rank-parent.jsonl outside workers) the batch rows it reads and the files
                                        it opens for writing (through an audit hook)
 """
@@ -55,6 +62,9 @@ def _install() -> None:
     if not _fault:
         return
     kind, _, arg = _fault.partition(":")
+    if kind == "write-fails":
+        _install_write_failures(arg)
+        return
     n = int(arg)
     if kind in {"oom-above", "nan-at"}:
         import torch
@@ -89,6 +99,83 @@ def _install() -> None:
         checkpoints.replace_dir_atomic = dying
     else:
         raise SystemExit(f"LLMCTL_TEST_FAULT: unknown fault {_fault!r}")
+
+
+def _install_write_failures(spec: str) -> None:
+    import errno
+    import fnmatch
+
+    name, _, rest = spec.partition(":")
+    pattern, _, nth = rest.partition("@")
+    code = getattr(errno, name)
+    first = int(nth or 1)
+    seen = [0]
+    writing_partial = [False]
+
+    def due(path) -> bool:
+        if writing_partial[0] or not isinstance(path, (str, bytes, os.PathLike)):
+            return False
+        if not fnmatch.fnmatch(os.path.abspath(os.fsdecode(path)), pattern):
+            return False
+        seen[0] += 1
+        if seen[0] >= first and code == errno.ENOSPC:
+            _fill_disk()
+        return seen[0] >= first
+
+    def partial(path) -> None:
+        writing_partial[0] = True
+        try:
+            with open(os.fsdecode(path), "wb") as f:  # the bytes a writer got out before the disk was full
+                f.write(b"\0" * 1024)
+        finally:
+            writing_partial[0] = False
+
+    def audit(event, args):
+        if event == "open" and args:
+            path, mode, flags = (list(args) + [None, None])[:3]
+            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            )
+            if writes and due(path):
+                raise OSError(code, os.strerror(code), os.fsdecode(path))
+        elif event == "os.mkdir" and args and due(args[0]):
+            raise OSError(code, os.strerror(code), os.fsdecode(args[0]))
+
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    save_file, save = safetensors.torch.save_file, torch.save
+
+    def failing_save_file(tensors, filename, *args, **kwargs):
+        if due(filename):
+            partial(filename)
+            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+        return save_file(tensors, filename, *args, **kwargs)
+
+    def failing_save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and due(f):
+            partial(f)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5120 vs 5012")
+        return save(obj, f, *args, **kwargs)
+
+    safetensors.torch.save_file, torch.save = failing_save_file, failing_save
+    sys.addaudithook(audit)
+
+
+def _fill_disk() -> None:
+    """From now on os.statvfs (and so shutil.disk_usage) says no block is free."""
+    real = os.statvfs
+    if getattr(real, "full", False):
+        return
+
+    def full(path):
+        st = real(path)
+        return os.statvfs_result((st.f_bsize, st.f_frsize, st.f_blocks, 0, 0, st.f_files, st.f_ffree, st.f_favail,
+                                  st.f_flag, st.f_namemax))
+
+    full.full = True
+    os.statvfs = full
 
 
 if _fault or _trace:
