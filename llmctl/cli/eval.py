@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
 from llmctl.cli.completion import complete_model_or_export_dir
-from llmctl.cli.output import out_console, print_json, reporting_errors, say, say_always
+from llmctl.cli.output import add_disturbed_caption, out_console, print_json, reporting_errors, say, say_always, timed
 from llmctl.errors import EXIT_GATE_FAILED, LlmctlError
 
 EPILOG = (
@@ -22,17 +22,23 @@ def eval_cli(
         ..., help="Model dir, compressed model dir or export dir (several with --compare).", autocompletion=complete_model_or_export_dir
     ),
     compare: bool = typer.Option(False, "--compare", help="Profile every dir given side by side: perplexity, size, latency, tokens/s."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Score this dataset dir's split instead of the training one."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="A dataset dir to score (its --split) instead of the model's own; a classifier also takes "
+        "a labelled CSV or JSONL file.",
+    ),
     text: Optional[List[Path]] = typer.Option(None, "--text", help="Score these text/JSONL/CSV files (repeatable)."),
-    split: str = typer.Option("val", "--split", help="Which split of the dataset dir: val or train."),
+    split: Literal["val", "train"] = typer.Option("val", "--split", help="Which split of the dataset dir."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Score at most this many tokens (--compare: 65536 unless given)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Generate a continuation of this text (repeatable)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate per prompt."),
-    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="Sampling temperature; 0 is greedy."),
-    top_k: Optional[int] = typer.Option(50, "--top-k", min=1, help="Sample among the k likeliest tokens."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    temperature: float = typer.Option(
+        0.0, "--temperature", min=0.0, help="0: greedy, the likeliest token each step (the same text every run); above 0 "
+        "samples, e.g. 0.8 with --top-k and --seed.",
+    ),
+    top_k: Optional[int] = typer.Option(50, "--top-k", min=1, help="When sampling: among the k likeliest tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="When sampling: nucleus mass."),
+    seed: int = typer.Option(0, "--seed", help="When sampling: the seed of the first prompt (the next ones count up)."),
     max_ppl: Optional[float] = typer.Option(None, "--max-ppl", help="Exit 3 if perplexity is above this (a CI gate)."),
     predict: Optional[Path] = typer.Option(
         None, "--predict", help="Classifiers: label the texts of this CSV/JSONL file; predictions with probabilities go to JSONL."
@@ -64,8 +70,6 @@ def eval_cli(
         given = [name for name, value in classifier_only.items() if value is not None]
         if given:
             raise LlmctlError(f"{', '.join(given)}: for classifiers; {model_dirs[0]} is a language model.")
-        if split not in {"val", "train"}:
-            raise LlmctlError(f"--split: must be val or train, got {split!r}.")
         if data and text:
             raise LlmctlError("--data and --text contradict each other; choose one.")
         if len(model_dirs) > 1 and not compare:
@@ -90,6 +94,8 @@ def eval_cli(
         report = run_eval(model_dirs[0], data, text or [], split, max_tokens, batch_size)
         samples = _samples(report.pop("_loaded"), prompt or [], max_new_tokens, temperature, top_k, top_p, seed)
         report["samples"] = samples
+        if samples:
+            report["decoding"] = _decoding(temperature, top_k, top_p, seed)
         failures = _ppl_gate(report, report["perplexity"], max_ppl)
         if json_out:
             print_json(report)
@@ -159,6 +165,7 @@ def run_classifier_eval(model_dir: Path, data: Path | None, split: str, predict:
             inputs = inputs_from_dataset(loaded, dataset, split)
         metrics, _ = evaluate_classifier(loaded, inputs)
         report.update(metrics)
+        _say_if_replacing([out_dir / "eval.json", out_dir / "confusion.png"])
         out_dir.mkdir(parents=True, exist_ok=True)
         files["confusion_png"] = str(save_confusion_png(metrics, out_dir / "confusion.png", title=f"{'/'.join(Path(model_dir).parts[-2:])}: {inputs.source.split('/')[-1]}"))
         files["eval_json"] = str(out_dir / "eval.json")
@@ -166,6 +173,7 @@ def run_classifier_eval(model_dir: Path, data: Path | None, split: str, predict:
         new = inputs_from_file(loaded, predict, require_labels=False)
         scored, probs = evaluate_classifier(loaded, new)
         target = predictions or out_dir / "predictions.jsonl"
+        _say_if_replacing([target])
         target.parent.mkdir(parents=True, exist_ok=True)
         truth = [labels[i] for i in new.labels] if new.labels is not None else [None] * len(probs)
         rows = (prediction_row(text, p, labels, t) for text, p, t in zip(new.texts or [], probs, truth))
@@ -194,6 +202,16 @@ def run_classifier_eval(model_dir: Path, data: Path | None, split: str, predict:
     for failure in failures:
         say_always(f"[red]gate failed:[/] {failure}")
     return EXIT_GATE_FAILED if failures else 0
+
+
+def _say_if_replacing(paths: list[Path]) -> None:
+    """An earlier eval's files are replaced, not kept: say which, and how to keep them."""
+    from datetime import datetime
+
+    for path in paths:
+        if path.is_file():
+            when = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+            say(f"[yellow]replacing[/] {path} (written {when} by an earlier eval; --out DIR or --predictions FILE keeps it)")
 
 
 def run_classifier_compare(paths: list[Path], data: Path | None) -> dict:
@@ -228,7 +246,9 @@ def classifier_compare_table(report: dict):
         table.add_column(col, justify="right", no_wrap=True)
     for r in report["rows"]:
         ms = "-" if r["forward_ms"] is None else f"{r['forward_ms']:.2f} ({r['forward_batch']}x{r['forward_tokens']})"
-        table.add_row(r["name"], r["backend"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", human_bytes(r["size_bytes"]), ms)
+        table.add_row(r["name"], r["backend"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", human_bytes(r["size_bytes"]),
+                      timed(ms, r))
+    add_disturbed_caption(table, report["rows"])
     return table
 
 
@@ -319,8 +339,9 @@ def compare_table(report: dict):
         delta = r["perplexity_change_pct"]
         table.add_row(
             r["name"], r["backend"], f"{r['perplexity']:.3f}", "-" if delta is None else f"{delta:+.2f}",
-            human_bytes(r["size_bytes"]), f"{r['forward_ms']:.2f}", f"{r['generate_tokens_per_s']:.0f}",
+            human_bytes(r["size_bytes"]), timed(f"{r['forward_ms']:.2f}", r), timed(f"{r['generate_tokens_per_s']:.0f}", r),
         )
+    add_disturbed_caption(table, report["rows"])
     return table
 
 
@@ -383,6 +404,22 @@ def _samples(loaded, prompts: list[str], max_new_tokens: int, temperature: float
     return out
 
 
+def _decoding(temperature: float, top_k: int | None, top_p: float | None, seed: int) -> dict:
+    """How the samples were decoded, for the report and the line above them."""
+    if temperature <= 0:
+        return {"mode": "greedy", "temperature": 0.0}
+    return {"mode": "sampled", "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+
+
+def _decoding_line(decoding: dict) -> str:
+    if decoding["mode"] == "greedy":
+        return "samples: greedy (the likeliest token each step; --temperature 0.8 samples instead)"
+    parts = [f"temperature {decoding['temperature']:g}"]
+    parts += [f"top-k {decoding['top_k']}"] if decoding.get("top_k") else []
+    parts += [f"top-p {decoding['top_p']:g}"] if decoding.get("top_p") else []
+    return f"samples: sampled at {', '.join(parts)}, seed {decoding['seed']} (--temperature 0 for greedy)"
+
+
 def _print_report(report: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -399,5 +436,7 @@ def _print_report(report: dict) -> None:
         table.add_row("unigram perplexity", f"{u:.3f}")
         table.add_row("model / unigram", f"{report['perplexity'] / u:.3f}")
     out_console.print(table)
+    if report["samples"]:
+        say(_decoding_line(report["decoding"]))
     for s in report["samples"]:
         out_console.print(f"\n[bold]{escape(s['prompt'])}[/]{escape(s['completion'])}", soft_wrap=True)

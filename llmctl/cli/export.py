@@ -4,7 +4,7 @@ verified at export (against PyTorch, or transformers against llmctl)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import typer
 
@@ -23,17 +23,24 @@ _FLAGS = {"format": "--format", "opset": "--opset", "atol": "--atol", "quantize"
 _ONNX_ONLY = ("opset", "quantize", "external_data_mb")
 
 
+def _onnx(options: Any) -> bool:
+    return options.format == "onnx"
+
+
 def export_cli(
     model_dir: Path = typer.Argument(..., help="Model dir to export (runs/<name>/model, or a compressed one).", autocompletion=complete_model_dir),
     output: Path = typer.Option(..., "--output", "-o", help="Export dir to write."),
-    format: Optional[str] = typer.Option(
+    format: Optional[Literal["onnx", "hf"]] = typer.Option(
         None, "--format", help="onnx: an ONNX graph; hf: a Hugging Face Llama dir transformers loads (default onnx)."
     ),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17 or newer (default 17)."),
     atol: Optional[float] = typer.Option(
         None, "--atol", help="Largest |ONNX - PyTorch| (hf: |transformers - llmctl|) allowed; above it export exits 3 (default 1e-4)."
     ),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8: also write model.int8.onnx (ONNX Runtime dynamic int8)."),
+    quantize: Optional[Literal["none", "int8"]] = typer.Option(
+        None, "--quantize", help="int8: also write model.int8.onnx (ONNX Runtime dynamic int8; pays on large matmuls, "
+        "not on tiny models); none: model.onnx only, whatever the recipe's export.quantize says.",
+    ),
     external_data_mb: Optional[float] = typer.Option(None, "--external-data-mb", help="Weights above this many MB go to model.onnx.data (default 2048)."),
     recipe: Optional[Path] = typer.Option(
         None, "--recipe", help="Take defaults from this recipe's export section (else the model's own recipe's).",
@@ -49,16 +56,20 @@ def export_cli(
     """Export to ONNX (a decoder with past key/values, or a classifier), check it against PyTorch, optionally quantize
     to int8; or, with --format hf, to a Hugging Face model dir checked with transformers."""
     with reporting_errors(json_out):
-        if format not in (None, "onnx", "hf"):
-            raise LlmctlError(f"--format {format!r}: expected onnx or hf.")
-        from llmctl.artifacts import check_output_dir
+        from llmctl.artifacts import check_output_dir, refuse_output_over_inputs
+        from llmctl.cli.sections import inputs_of, resolve_section
         from llmctl.evaluation.profile import val_tokens_of
+        from llmctl.models.loading import require_model_dir
         from llmctl.models.model_dir import load_model_dir
 
+        require_model_dir(model_dir, "export")
+        refuse_output_over_inputs("-o", output, inputs_of(model_dir, data))
         flags = {"format": format, "opset": opset, "atol": atol, "quantize": quantize, "external_data_mb": external_data_mb}
-        from llmctl.cli.sections import resolve_section
-
-        options = resolve_section(model_dir, recipe, "export", {k: v for k, v in flags.items() if v is not None}, _FLAGS)
+        resolved = resolve_section(model_dir, recipe, "export", {k: v for k, v in flags.items() if v is not None}, _FLAGS,
+                                   actions=("quantize",), applies={k: _onnx for k in _ONNX_ONLY})
+        options = resolved.options
+        for line in resolved.lines("export", {"quantize": ": also writes model.int8.onnx; --quantize none skips it"}):
+            say(line)
         if options.format == "hf":
             typed = [_FLAGS[k] for k in _ONNX_ONLY if flags[k] is not None]
             if typed:
@@ -85,6 +96,7 @@ def export_cli(
                 data=data if classifier else None, progress=progress,
             )
         result = report.to_dict()
+        result["from_recipe"] = {f"export.{key}": value for key, value in resolved.from_recipe}
         if json_out:
             print_json(result)
         elif classifier:

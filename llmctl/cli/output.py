@@ -83,3 +83,20 @@ def say_always(message: str) -> None:
         err_console.print(message, soft_wrap=True, emoji=False)
         return
     Console(stderr=True, highlight=False, soft_wrap=True, color_system=_STYLES).print(message, emoji=False)
+
+
+def timed(cell: str, row: dict[str, Any]) -> str:
+    """A timing as shown: marked `*` when the row's timing rounds disagreed (see add_disturbed_caption)."""
+    return f"{cell} *" if row.get("timing_disturbed") else cell
+
+
+def add_disturbed_caption(table: Any, rows: list[dict[str, Any]]) -> None:
+    """Say under the table which timings to distrust: a row whose slowest timing round was more than
+    DISTURBED_SPREAD times its fastest ran while another process took the CPU."""
+    from llmctl.evaluation.speed import DISTURBED_SPREAD
+
+    spreads = [r["timing_spread"] for r in rows if r.get("timing_disturbed")]
+    if spreads:
+        table.caption = (f"* timing disturbed: its rounds differ by up to {max(spreads):.1f}x (over {DISTURBED_SPREAD}x), "
+                         "another process took the CPU; compare these timings after a rerun on a quiet machine")
+        table.caption_justify = "left"

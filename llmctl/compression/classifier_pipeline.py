@@ -40,6 +40,8 @@ class ClassifierProfile:
     forward_ms: float | None  # median wall time of one forward pass over `forward_batch` texts
     forward_batch: int | None
     forward_tokens: int | None  # the width of that batch (its longest text), tokens
+    timing_spread: float | None = None  # slowest timing round over fastest (evaluation.speed.round_spread)
+    timing_disturbed: bool | None = None  # beyond evaluation.speed.DISTURBED_SPREAD: another process took the CPU
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,14 +132,15 @@ def profile_classifiers(loaded: list[Any], inputs: Any, names: list[str], *, spe
     """Score each model on the same val texts and time it on the same batch, timings interleaved."""
     from llmctl.evaluation.classifier_eval import evaluate_classifier
     from llmctl.evaluation.profile import backend_name, stored_parameters, weights_files
+    from llmctl.evaluation.speed import is_disturbed
 
     progress = silent_if_none(progress)
     ids, lengths = latency_batch(loaded[0].config, inputs)
     if speed:
         progress.stage(f"timing {len(loaded)} models, interleaved (forward at {ids.shape[0]} x {ids.shape[1]} tokens)")
-    timings = classifier_latency_ms([m.model for m in loaded], ids, lengths) if speed else [None] * len(loaded)
+    timings = classifier_latency_ms([m.model for m in loaded], ids, lengths) if speed else [(None, None)] * len(loaded)
     profiles = []
-    for m, name, ms in zip(loaded, names, timings):
+    for m, name, (ms, spread) in zip(loaded, names, timings):
         if inputs is not None:
             progress.stage(f"accuracy of {name} on {len(inputs.lengths):,} val texts")
         metrics = evaluate_classifier(m, inputs)[0] if inputs is not None else {}
@@ -154,6 +157,8 @@ def profile_classifiers(loaded: list[Any], inputs: Any, names: list[str], *, spe
             forward_ms=ms,
             forward_batch=int(ids.shape[0]) if ms is not None else None,
             forward_tokens=int(ids.shape[1]) if ms is not None else None,
+            timing_spread=None if spread is None else round(spread, 3),
+            timing_disturbed=is_disturbed(spread),
         ))
     return profiles
 
@@ -173,22 +178,28 @@ def latency_batch(config: dict[str, Any], inputs: Any) -> tuple[Any, Any]:
 
 def classifier_latency_ms(
     models: list[Any], ids: Any, lengths: Any, *, rounds: int = 3, reps: int = 5, warmup: int = 2
-) -> list[float]:
-    """Median milliseconds of `model(ids, lengths)` per model, timed round by round so a busy machine slows all alike."""
+) -> list[tuple[float, float]]:
+    """(median milliseconds of `model(ids, lengths)`, spread of its per-round medians) per model, timed round by
+    round so a busy machine slows all alike."""
     import torch
 
-    times: list[list[float]] = [[] for _ in models]
+    from llmctl.evaluation.speed import round_spread
+
+    times: list[list[list[float]]] = [[] for _ in models]  # model -> round -> seconds of each rep
     with torch.inference_mode():
         for model in models:
             for _ in range(warmup):
                 model(ids, lengths)
         for _ in range(rounds):
             for i, model in enumerate(models):
+                reps_s = []
                 for _ in range(reps):
                     t0 = time.perf_counter()
                     model(ids, lengths)
-                    times[i].append(time.perf_counter() - t0)
-    return [1000 * statistics.median(t) for t in times]
+                    reps_s.append(time.perf_counter() - t0)
+                times[i].append(reps_s)
+    return [(1000 * statistics.median([t for r in per_round for t in r]),
+             round_spread([statistics.median(r) for r in per_round])) for per_round in times]
 
 
 def _report(options: CompressConfig, before: ClassifierProfile, after: ClassifierProfile, pruning: dict | None,

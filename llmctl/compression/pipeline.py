@@ -47,12 +47,15 @@ def compress_model(
     from llmctl.evaluation.profile import profile_models, val_tokens_of
     from llmctl.models.model_dir import load_model_dir
 
+    from llmctl.models.loading import require_model_dir
+
     progress = silent_if_none(progress)
+    require_model_dir(model_dir, "compress")  # the path first: a typo is not "nothing to do"
+    check_output_dir(out_dir, overwrite=overwrite, sources=[model_dir], marker="config.json")
     if options.prune == 0 and options.quantize == "none":
         raise LlmctlError("nothing to do: give --prune S (0 < S < 1) and/or --quantize (int8, int8-weight, int4-weight).")
     if options.recover_steps and not options.prune:
         raise LlmctlError("--recover-steps fine-tunes after pruning; give --prune too.")
-    check_output_dir(out_dir, overwrite=overwrite, sources=[model_dir], marker="config.json")
     loaded = load_model_dir(model_dir)
     if loaded.config.get("quantization"):
         raise LlmctlError(

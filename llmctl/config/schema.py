@@ -387,7 +387,8 @@ class CompressConfig(_Section):
     recover_steps: int = Field(0, ge=0, description="Fine-tune this many steps after pruning, on the model's own dataset.")
     recover_lr: float | None = Field(None, gt=0, description="Learning rate of the recovery fine-tune; null: train.lr / 10.")
     quantize: Literal["none", "int8", "int8-weight", "int4-weight"] = Field(
-        "none", description="int8: dynamic int8 linear layers (fastest on CPU); int8-weight/int4-weight: weight-only.",
+        "none", description="int8: dynamic int8 linear layers (faster than fp32 on large matmuls, often slower on tiny models); "
+        "int8-weight/int4-weight: weight-only.",
     )
     calibration_tokens: int = Field(8192, ge=128, description="Val tokens that score heads and channels for structured pruning.")
     eval_tokens: int | None = Field(

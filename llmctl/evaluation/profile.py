@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from llmctl.evaluation.speed import SpeedResult
+from llmctl.evaluation.speed import SpeedResult, is_disturbed
 from llmctl.progress import OnProgress, Progress, silent_if_none
 
 
@@ -29,6 +29,8 @@ class ModelProfile:
     forward_ms: float | None  # batch 1 x full context
     forward_tokens: int | None
     generate_tokens_per_s: float | None
+    timing_spread: float | None = None  # slowest timing round over fastest (speed.round_spread)
+    timing_disturbed: bool | None = None  # the spread is beyond speed.DISTURBED_SPREAD: another process took the CPU
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +113,8 @@ def profile_model(
         forward_ms=timing.forward_ms if timing else None,
         forward_tokens=timing.forward_tokens if timing else None,
         generate_tokens_per_s=timing.generate_tokens_per_s if timing else None,
+        timing_spread=round(timing.spread, 3) if timing else None,
+        timing_disturbed=is_disturbed(timing.spread) if timing else None,
     )
 
 

@@ -15,6 +15,20 @@ from typing import Any
 from llmctl.progress import OnProgress
 
 
+# A model's slowest timing round over its fastest. Rounds of one model on a quiet machine agree within a few
+# percent; beyond this ratio another process took the CPU during some of them, and the figure is marked.
+DISTURBED_SPREAD = 1.5
+
+
+def round_spread(per_round: list[float]) -> float:
+    """Largest over smallest of one model's per-round figures (1.0: the rounds agree)."""
+    return max(per_round) / min(per_round) if per_round and min(per_round) > 0 else 1.0
+
+
+def is_disturbed(spread: float | None) -> bool | None:
+    return None if spread is None else spread > DISTURBED_SPREAD
+
+
 @dataclass
 class SpeedResult:
     forward_ms: float  # median wall time of one forward pass, batch 1 x `forward_tokens`
@@ -22,6 +36,7 @@ class SpeedResult:
     generate_tokens_per_s: float  # greedy, KV-cached, after a prompt of `prompt_tokens`
     prompt_tokens: int
     new_tokens: int
+    spread: float = 1.0  # the wider of round_spread over the forward and generation rounds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,7 +87,8 @@ def measure_speeds(
     """Time several models the same way, interleaved round by round, so a busy machine slows all alike.
 
     Forward latency is at batch 1 over the full context; generation follows a half-context prompt.
-    Each figure is the median (forward) or best (generation) over the rounds.
+    Each figure is the median (forward) or best (generation) over the rounds; `spread` says how far a
+    model's rounds disagree (see DISTURBED_SPREAD).
     """
     prompt = max(1, min(context_length // 2, context_length - new_tokens))
     forward: list[list[float]] = [[] for _ in models]
@@ -84,5 +100,6 @@ def measure_speeds(
             if on_progress is not None:
                 on_progress(sum(map(len, tps)), rounds * len(models))
     return [
-        SpeedResult(statistics.median(f), context_length, max(t), prompt, new_tokens) for f, t in zip(forward, tps)
+        SpeedResult(statistics.median(f), context_length, max(t), prompt, new_tokens, max(round_spread(f), round_spread(t)))
+        for f, t in zip(forward, tps)
     ]

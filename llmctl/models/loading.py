@@ -45,6 +45,27 @@ def backend_of(path: Path) -> str:
     )
 
 
+def require_model_dir(path: str | Path, command: str) -> None:
+    """Refuse what `command` (compress, export) cannot start from, naming what the path is instead: missing,
+    a file, a run dir, a dataset dir, an export dir, a Hugging Face dir, or a dir missing a model dir's files."""
+    from llmctl.artifacts import DatasetDir
+
+    path = Path(path)
+    takes = f"{command} takes a model dir (runs/<name>/model, or a compressed one)"
+    if not path.is_dir():
+        raise LlmctlError(f"{path}: {'a file' if path.exists() else 'no such directory'}; {takes}.")
+    if not ModelDir(path).config.is_file():
+        if ModelDir(path / "model").config.is_file():
+            raise LlmctlError(f"{path}: a run dir, not a model dir; use {path / 'model'}.")
+        if DatasetDir(path).meta.is_file():
+            raise LlmctlError(f"{path}: a dataset dir (what `llmctl prepare` writes), not a model dir; {takes}.")
+    if ExportDir(path).is_export():
+        raise LlmctlError(f"{path}: an export dir; {takes}, such as the one it was exported from.")
+    if _is_hf_dir(path):
+        raise LlmctlError(f"{path}: a Hugging Face dir; {takes} (train one from it with model.init_from: {path}).")
+    ModelDir(path).check()
+
+
 def load_for_inference(path: str | Path, *, onnx_file: str | None = None, spin_threads: bool = True) -> LoadedModel:
     """Load a model dir with torch, or an export dir with ONNX Runtime (CPU), as one LoadedModel
     (`spin_threads`: see `llmctl.models.onnx_model.session_options`)."""

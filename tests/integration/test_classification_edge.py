@@ -79,3 +79,12 @@ def test_bad_classifier_input_exits_2_with_one_message_and_writes_nothing(sentim
         assert_clean_failure(proc, 2, "damaged/model.safetensors: cannot load the weights")
         assert len(proc.stderr.strip().splitlines()) <= 2  # the "compressing ..." line and one error paragraph
     assert not (sentiment / "out/bad").exists()
+
+
+def test_a_second_classifier_eval_says_it_replaces_the_first_ones_report(sentiment: Path) -> None:
+    first = run_cli(sentiment, "eval", "runs/sentiment-rnn/model", "--out", "reports/twice")
+    assert "replacing" not in first.stderr
+    second = run_cli(sentiment, "eval", "runs/sentiment-rnn/model", "--out", "reports/twice")
+    for name in ("eval.json", "confusion.png"):
+        assert f"replacing reports/twice/{name} (written " in second.stderr, second.stderr
+    assert "--out DIR or --predictions FILE keeps it" in second.stderr

@@ -150,3 +150,84 @@ def test_on_a_terminal_each_stage_draws_a_bar_with_an_eta(trained: Path) -> None
     assert quantized and scored, text[-3000:]
     assert all("eta" in line and "━" in line for line in quantized + scored)
     assert "compression (same machine, same run)" in text
+
+
+def _model_with_recipe_defaults(trained: Path, name: str, compress: dict, export: dict) -> str:
+    """A copy of the tiny model whose recorded recipe has these compress and export sections."""
+    import shutil
+
+    model = trained / "runs" / name / "model"
+    shutil.copytree(trained / "runs/tiny/model", model)
+    provenance = json.loads((model / "llmctl.json").read_text())
+    provenance["recipe"].update(compress=compress, export=export)
+    (model / "llmctl.json").write_text(json.dumps(provenance))
+    return f"runs/{name}/model"
+
+
+def test_a_compression_flag_keeps_the_recipes_other_choices_out_and_what_applies_is_printed(trained: Path) -> None:
+    model = _model_with_recipe_defaults(trained, "defaults", {"prune": 0.3, "prune_method": "layer", "quantize": "int8"},
+                                        {"quantize": "int8"})
+    only_int8 = run_cli(trained, "compress", model, "--quantize", "int8", "-o", "out/only-int8", "--no-speed", "--json")
+    report = json.loads(only_int8.stdout)
+    assert report["options"]["prune"] == 0 and report["pruning"] is None
+    assert report["after"]["nonzero_parameters"] > 0.97 * report["before"]["nonzero_parameters"]  # int8 rounds a few to 0
+    assert "from recipe" not in only_int8.stderr and report["from_recipe"] == {}
+
+    only_pruned = json.loads(run_cli(trained, "compress", model, "--prune", "0.2", "-o", "out/only-pruned", "--no-speed",
+                                     "--json").stdout)
+    assert only_pruned["options"]["quantize"] == "none" and only_pruned["pruning"]["method"] == "layer"
+    assert "quantization" not in json.loads((trained / "out/only-pruned/config.json").read_text())
+
+    plain = run_cli(trained, "compress", model, "-o", "out/recipe", "--no-speed")
+    lines = plain.stderr.splitlines()
+    for line in ("from recipe: prune 0.3 (compress.prune)", "from recipe: prune method layer (compress.prune_method)",
+                 "from recipe: quantize int8 (compress.quantize)"):
+        assert line in lines, plain.stderr
+    assert json.loads((trained / "out/recipe/compression.json").read_text())["options"]["prune"] == 0.3
+
+    exported = run_cli(trained, "export", model, "-o", "out/recipe-onnx")
+    assert any(line.startswith("from recipe: quantize int8 (export.quantize)") for line in exported.stderr.splitlines())
+    assert (trained / "out/recipe-onnx/model.int8.onnx").is_file()
+    fp32_only = run_cli(trained, "export", model, "-o", "out/fp32-onnx", "--quantize", "none")
+    assert "from recipe" not in fp32_only.stderr and not (trained / "out/fp32-onnx/model.int8.onnx").exists()
+
+
+def test_compress_and_export_name_a_bad_input_path_before_anything_else(trained: Path) -> None:
+    (trained / "empty").mkdir(exist_ok=True)
+    cases = [("no_such_dir", "no_such_dir: no such directory; {verb} takes a model dir"),
+             ("empty", "empty: not a model dir (missing config.json"),
+             ("tiny.yaml", "tiny.yaml: a file; {verb} takes a model dir"),
+             ("data/tiny", "data/tiny: a dataset dir (what `llmctl prepare` writes), not a model dir"),
+             ("runs/tiny", "runs/tiny: a run dir, not a model dir; use runs/tiny/model")]
+    for verb in ("compress", "export"):
+        for path, needle in cases:
+            proc = run_cli(trained, verb, path, "-o", "out/never", check=False)
+            assert_clean_failure(proc, 2, needle.format(verb=verb))
+            assert "nothing to do" not in proc.stderr
+    assert not (trained / "out/never").exists()
+
+
+def test_an_output_inside_an_input_is_refused(trained: Path) -> None:
+    before = sorted(p.name for p in (trained / "runs/tiny/model").iterdir())
+    cases = [("runs/tiny/model/inside", "-o runs/tiny/model/inside: inside the model dir (runs/tiny/model)"),
+             ("data/tiny/inside", "inside the model's dataset dir"),
+             ("data/tiny", "the same path as the model's dataset dir")]
+    for verb, extra in (("compress", ("--quantize", "int8")), ("export", ())):
+        for out, needle in cases:
+            assert_clean_failure(run_cli(trained, verb, "runs/tiny/model", *extra, "-o", out, check=False), 2, needle)
+        proc = run_cli(trained, verb, "runs/tiny/model", *extra, "--data", "data/tiny", "-o", "data/tiny/x", check=False)
+        assert_clean_failure(proc, 2, "inside --data (data/tiny)")
+    assert sorted(p.name for p in (trained / "runs/tiny/model").iterdir()) == before
+    assert not (trained / "runs/tiny/model/inside").exists() and not (trained / "data/tiny/inside").exists()
+
+
+def test_eval_samples_greedily_by_default_and_says_how_it_decoded(trained: Path) -> None:
+    args = ("eval", "runs/tiny/model", "--max-tokens", "64", "--prompt", "def ", "--max-new-tokens", "8")
+    default = run_cli(trained, *args, "--json")
+    greedy = json.loads(run_cli(trained, *args, "--temperature", "0", "--json").stdout)
+    report = json.loads(default.stdout)
+    assert report["decoding"] == {"mode": "greedy", "temperature": 0.0}
+    assert report["samples"] == greedy["samples"]
+    assert "samples: greedy" in run_cli(trained, *args).stderr
+    sampled = run_cli(trained, *args, "--temperature", "0.8")
+    assert "samples: sampled at temperature 0.8, top-k 50, seed 0" in sampled.stderr
