@@ -171,6 +171,15 @@ def per_class_table(metrics: dict[str, Any]) -> Table:
 
 def save_confusion_png(metrics: dict[str, Any], path: Path, title: str | None = None) -> Path:
     """Draw the confusion matrix (counts in each cell, true labels down, predicted across) to a PNG, atomically."""
+    buffer = io.BytesIO()
+    confusion_figure(metrics, title).savefig(buffer, format="png", dpi=100)
+    path = Path(path)
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def confusion_figure(metrics: dict[str, Any], title: str | None = None) -> Any:
+    """The confusion matrix as a matplotlib Figure, its colour bar labelled with what the colours count."""
     # A bare Figure renders through Agg without pyplot, so no display is needed and the
     # process-wide backend (matplotlib.use) stays the caller's: safe in a server thread or a notebook.
     from matplotlib.figure import Figure
@@ -185,6 +194,7 @@ def save_confusion_png(metrics: dict[str, Any], path: Path, title: str | None = 
     image = ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
     colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     colorbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts, never 2.5
+    colorbar.set_label("examples in the cell")
     ax.set_xticks(range(K), labels=names, rotation=45 if K > 4 else 0, ha="right" if K > 4 else "center")
     ax.set_yticks(range(K), labels=names)
     ax.set_xlabel("predicted")
@@ -196,11 +206,7 @@ def save_confusion_png(metrics: dict[str, Any], path: Path, title: str | None = 
             for j in range(K):
                 colour = "white" if cm[i, j] > threshold else "black"
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=colour, fontsize=9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    path = Path(path)
-    write_atomic(path, buffer.getvalue())
-    return path
+    return fig
 
 
 def prediction_row(

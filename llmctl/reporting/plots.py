@@ -17,7 +17,10 @@ from llmctl.artifacts import write_atomic
 TRAIN = "#1f77b4"  # training loss, the main series of a one-line plot
 VAL = "#d62728"  # validation loss and metrics
 SECOND = "#2ca02c"  # a second validation metric (F1 beside accuracy)
-POINTS = "#9467bd"  # compared models
+# Compared models, one colour each (none of the series colours above, nor grey).
+MODELS = ("#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22", "#393b79", "#ad494a")
+POINTS = MODELS[0]  # the first compared model
+GREY = "#7f7f7f"  # legend entries that stand for a marker shape, not a model
 
 DPI = 100
 
@@ -58,13 +61,35 @@ def finite(xs: Sequence[Any], ys: Sequence[Any]) -> tuple[list[float], list[floa
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def labelled_scatter(ax: Any, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], *, color: str = POINTS,
-                     marker: str = "o", legend: str | None = None) -> None:
-    """One marker per point, each annotated with its label."""
-    ax.scatter(xs, ys, s=90, color=color, marker=marker, label=legend, zorder=3)
-    seen: dict[tuple[float, float], int] = {}
-    for x, y, text in zip(xs, ys, labels):
-        # Models with the same figures (a copy, an identical checkpoint) share a point: stack their labels.
-        n = seen[(x, y)] = seen.get((x, y), -1) + 1
-        ax.annotate(text, (x, y), xytext=(6, 6 - 11 * n), textcoords="offset points", fontsize=8)
+def model_colour(i: int) -> str:
+    """The colour of the i-th compared model, the same in every plot of a report."""
+    return MODELS[i % len(MODELS)]
+
+
+def scatter_models(ax: Any, xs: Sequence[float], ys: Sequence[float], colours: Sequence[str], *, marker: str = "o",
+                   size: float = 90.0) -> None:
+    """One marker per model, in its own colour. Points that fall on (nearly) one place, such as a model and an
+    identical copy, are drawn as concentric markers, the first largest, so every colour stays visible."""
+    span_x = (max(xs) - min(xs)) or abs(max(xs)) or 1.0
+    span_y = (max(ys) - min(ys)) or abs(max(ys)) or 1.0
+
+    def near(i: int, j: int) -> bool:
+        return abs(xs[i] - xs[j]) <= 0.03 * span_x and abs(ys[i] - ys[j]) <= 0.03 * span_y
+
+    sizes = []
+    for i in range(len(xs)):
+        later = sum(1 for j in range(i + 1, len(xs)) if near(i, j))
+        sizes.append(size * (1 + 1.6 * later))
+    for rank, i in enumerate(sorted(range(len(xs)), key=lambda i: -sizes[i])):
+        ax.scatter([xs[i]], [ys[i]], s=sizes[i], color=colours[i], marker=marker, edgecolors="white", linewidths=1.0,
+                   zorder=3 + rank)
     ax.margins(0.2)
+
+
+def legend_outside(ax: Any, entries: Sequence[tuple[str, str, str]]) -> None:
+    """A legend to the right of the axes, one (label, colour, marker) entry a line, so no label covers a point."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle="", marker=marker, markersize=8, color=colour) for _, colour, marker in entries]
+    ax.legend(handles, [label for label, _, _ in entries], loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0.0, fontsize=8, frameon=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmctl.reporting.plots import POINTS, TRAIN, VAL
+from llmctl.reporting.plots import TRAIN, VAL, model_colour
 from tests.integration.conftest import metrics, run_cli
 from tests.unit.test_reporting import assert_png, assert_self_contained, colour_pixels, saturated_pixels
 
@@ -64,7 +64,7 @@ def test_a_trained_run_is_reported_with_its_logged_figures_and_its_models_compar
     assert set(plots) == {"size-vs-perplexity", "latency-vs-perplexity"}
     for png in plots.values():
         assert_png(png)
-        assert colour_pixels(png, POINTS) > 40
+        assert colour_pixels(png, model_colour(0)) > 40
     assert_self_contained(workdir / out["files"]["html"], {k: str(v) for k, v in plots.items()})
     assert "perplexity" in proc.stderr and "runs/tiny/checkpoints/best" in proc.stderr  # the compare table
 

@@ -16,7 +16,7 @@ import pytest
 
 from llmctl.errors import EXIT_BAD_INPUT, LlmctlError
 from llmctl.reporting.layout import ReportFiles, next_compare_dir
-from llmctl.reporting.plots import POINTS, SECOND, TRAIN, VAL
+from llmctl.reporting.plots import SECOND, TRAIN, VAL, model_colour
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -343,8 +343,9 @@ def test_compare_plots_size_and_latency_against_perplexity(tmp_path: Path) -> No
     result = report_compare(LM_COMPARE, tmp_path / "c", classifier=False)
     plots = result["files"]["plots"]
     assert set(plots) == {"size-vs-perplexity", "latency-vs-perplexity"}
-    assert colour_pixels(Path(plots["size-vs-perplexity"]), POINTS) > 4 * 40  # four models
-    assert colour_pixels(Path(plots["latency-vs-perplexity"]), POINTS) > 3 * 40  # the int8 graph was not timed
+    for i in range(4):  # each model in its own colour: its point and its legend entry
+        assert colour_pixels(Path(plots["size-vs-perplexity"]), model_colour(i)) > 80, i
+    assert colour_pixels(Path(plots["latency-vs-perplexity"]), model_colour(3)) == 0  # the int8 graph was not timed
     assert result["rows"] == LM_COMPARE["rows"] and result["kind"] == "compare" and result["task"] == "lm"
     assert_self_contained(Path(result["files"]["html"]), plots)
     page = Path(result["files"]["html"]).read_text(encoding="utf-8")
@@ -358,8 +359,65 @@ def test_compare_of_classifiers_plots_accuracy_and_macro_f1(tmp_path: Path) -> N
     plots = result["files"]["plots"]
     assert set(plots) == {"size-vs-accuracy", "latency-vs-accuracy"}
     for path in plots.values():
-        assert colour_pixels(Path(path), VAL) > 80 and colour_pixels(Path(path), SECOND) > 80
+        assert colour_pixels(Path(path), model_colour(0)) > 80 and colour_pixels(Path(path), model_colour(1)) > 80
     assert_self_contained(Path(result["files"]["html"]), plots)
+
+
+def _drawn_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Keep each figure the reporting code saves, by file stem, so a test can read its axes and legend."""
+    from llmctl.reporting import plots as plots_module
+
+    figures: dict[str, object] = {}
+    save = plots_module.save_png
+
+    def keep(fig, path):
+        figures[Path(path).stem] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots_module, "save_png", keep)
+    return figures
+
+
+def test_compare_plots_name_every_model_in_a_legend_with_its_own_colour(tmp_path: Path, monkeypatch) -> None:
+    from matplotlib.colors import to_hex
+
+    from llmctl.reporting.compare import report_compare
+
+    figures = _drawn_figures(monkeypatch)
+    copy = {**LM_COMPARE["rows"][0], "name": "out/a-copy", "timing_spread": 4.2, "timing_disturbed": True}
+    result = report_compare({**LM_COMPARE, "rows": [*LM_COMPARE["rows"], copy]}, tmp_path / "c", classifier=False)
+    (ax,) = figures["report-size-vs-perplexity"].axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["runs/a/model", "out/a-int8", "out/a-onnx [onnxruntime]", "out/a-onnx [onnxruntime-int8]", "out/a-copy"]
+    assert len(ax.texts) == 0  # no label is written beside a point, so none can cover another
+    points = {to_hex(c.get_facecolor()[0]): (c.get_offsets()[0].tolist(), c.get_sizes()[0]) for c in ax.collections}
+    assert len(points) == 5  # five colours
+    # runs/a/model and its copy share a place: the first is drawn larger, around the second, so both show.
+    (xy_a, size_a), (xy_copy, size_copy) = points[model_colour(0)], points[model_colour(4)]
+    assert xy_a == xy_copy and size_a > size_copy
+    assert ax.get_xlabel() == "weights on disk (MiB)"  # the table's sizes are MiB too (human_bytes)
+    (latency,) = figures["report-latency-vs-perplexity"].axes
+    assert "out/a-copy (timing disturbed)" in [t.get_text() for t in latency.get_legend().get_texts()]
+    page = Path(result["files"]["html"]).read_text(encoding="utf-8")
+    assert "3.00 *" in page and "timing disturbed" in page
+
+
+def test_classifier_compare_legend_names_models_and_the_two_scores(tmp_path: Path, monkeypatch) -> None:
+    from llmctl.reporting.compare import report_compare
+
+    figures = _drawn_figures(monkeypatch)
+    report_compare(CLASSIFIER_COMPARE, tmp_path / "c", classifier=True)
+    (ax,) = figures["report-size-vs-accuracy"].axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["runs/s/model", "out/s-int8", "accuracy", "macro-F1"]
+    assert ax.get_xlabel() == "weights on disk (KiB)"  # 90 KB: small models read in KiB
+
+
+def test_the_confusion_matrix_colour_bar_says_what_it_counts() -> None:
+    from llmctl.evaluation.classification import confusion_figure
+
+    fig = confusion_figure({"labels": ["neg", "pos"], "confusion": [[50, 3], [4, 43]], "examples": 100})
+    matrix, colour_bar = fig.axes
+    assert matrix.get_xlabel() == "predicted" and colour_bar.get_ylabel() == "examples in the cell"
 
 
 def test_compare_dirs_are_numbered_so_none_is_overwritten(tmp_path: Path) -> None:
