@@ -24,6 +24,7 @@ from llmctl.cli import report as report_cmd
 from llmctl.cli import serve as serve_cmd
 from llmctl.cli import train as train_cmd
 from llmctl.cli import tune as tune_cmd
+from llmctl.cli.help import LlmctlCommand
 
 FIRST_STEPS = """\
 llmctl {version}: take a language model from raw text to a served model.
@@ -68,6 +69,11 @@ class LlmctlGroup(TyperGroup):
     line, usage errors and unexpected failures print the `{"error": ...}` object too (DESIGN.md)."""
 
     _json_args = False  # the root group's make_context records whether --json was given
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        from llmctl.cli.help import without_flag_metavars
+
+        return without_flag_metavars(super().get_params(ctx))
 
     def make_context(self, info_name: Optional[str], args: list[str], parent: Any = None, **extra: Any) -> Any:
         if parent is not None:
@@ -161,15 +167,15 @@ def _root(
 
 
 app.add_typer(recipes_cmd.app, name="recipes", cls=LlmctlGroup)
-app.command("prepare", epilog=prepare_cmd.EPILOG)(prepare_cmd.prepare_cli)
-app.command("train", epilog=train_cmd.EPILOG)(train_cmd.train_cli)
-app.command("tune", epilog=tune_cmd.EPILOG)(tune_cmd.tune_cli)
-app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_cli)
-app.command("compress", epilog=compress_cmd.EPILOG)(compress_cmd.compress_cli)
-app.command("export", epilog=export_cmd.EPILOG)(export_cmd.export_cli)
-app.command("report", epilog=report_cmd.EPILOG)(report_cmd.report_cli)
-app.command("serve", epilog=serve_cmd.EPILOG)(serve_cmd.serve_cli)
-app.command("env", epilog=env_cmd.EPILOG)(env_cmd.env_cli)
+app.command("prepare", cls=LlmctlCommand, epilog=prepare_cmd.EPILOG)(prepare_cmd.prepare_cli)
+app.command("train", cls=LlmctlCommand, epilog=train_cmd.EPILOG)(train_cmd.train_cli)
+app.command("tune", cls=LlmctlCommand, epilog=tune_cmd.EPILOG)(tune_cmd.tune_cli)
+app.command("eval", cls=LlmctlCommand, epilog=eval_cmd.EPILOG)(eval_cmd.eval_cli)
+app.command("compress", cls=LlmctlCommand, epilog=compress_cmd.EPILOG)(compress_cmd.compress_cli)
+app.command("export", cls=LlmctlCommand, epilog=export_cmd.EPILOG)(export_cmd.export_cli)
+app.command("report", cls=LlmctlCommand, epilog=report_cmd.EPILOG)(report_cmd.report_cli)
+app.command("serve", cls=LlmctlCommand, epilog=serve_cmd.EPILOG)(serve_cmd.serve_cli)
+app.command("env", cls=LlmctlCommand, epilog=env_cmd.EPILOG)(env_cmd.env_cli)
 
 
 def main() -> None:

@@ -198,8 +198,9 @@ def _as_typed(value: Any) -> str | None:
 def override_candidates(incomplete: str, recipe: Path | None = None) -> list[tuple[str, str]]:
     """(candidate, help) for a `section.key=value` override being typed.
 
-    Before the `=`: the dotted keys starting with `incomplete`. After it: an enum's members, true/false for a
-    boolean, else the key's current value (recipe file, then schema default), or nothing for an unset path.
+    Before the `=`: the dotted keys starting with `incomplete`, each with its `=` (the value comes next: bash then
+    adds no space). After it: an enum's members, true/false for a boolean, else the key's current value (recipe
+    file, then schema default), or nothing for an unset path.
     """
     try:
         keys = recipe_keys()
@@ -207,7 +208,7 @@ def override_candidates(incomplete: str, recipe: Path | None = None) -> list[tup
         return []
     key, sep, typed = incomplete.partition("=")
     if not sep:
-        return [(k, help) for k, (_, help, _) in keys.items() if k.startswith(incomplete)]
+        return [(f"{k}=", help) for k, (_, help, _) in keys.items() if k.startswith(incomplete)]
     if key not in keys:
         return []
     choices, free = value_choices(keys[key][0])
@@ -223,15 +224,36 @@ def complete_override(ctx: typer.Context, incomplete: str) -> list[tuple[str, st
     return override_candidates(incomplete, Path(recipe) if recipe else None)
 
 
-# --- bash: the `=` in key=value ----------------------------------------------------------------------
+# --- bash: the `=` in key=value, and no space after a dir or a key ------------------------------------------
+
+# typer's bash script with one addition. Its candidate protocol is one plain word a line, with nothing to say
+# "this word goes on", and bash ends a lone candidate with a space: `recipes/ `, `model.family= `. A candidate
+# ending in / (a dir to descend into) or = (a key whose value comes next) is such a word, so when it is the only
+# one the script turns the space off for this completion (`compopt -o nospace`).
+BASH_SCRIPT = """
+%(complete_func)s() {
+    local IFS=$'\\n'
+    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \\
+                   COMP_CWORD=$COMP_CWORD \\
+                   %(autocomplete_var)s=complete_bash $1 ) )
+    if [[ ${#COMPREPLY[@]} -eq 1 && ${COMPREPLY[0]} == *[/=] ]]; then
+        compopt -o nospace
+    fi
+    return 0
+}
+
+complete -o default -F %(complete_func)s %(prog_name)s
+"""
 
 
 class _BashComplete(BashComplete):
     """Bash splits `train.lr=3` into `train.lr`, `=`, `3` (COMP_WORDBREAKS) and replaces only the text after the `=`.
 
     Join such words again, so an override completes as one word, and print each candidate from where bash's
-    word starts: `model.family=<TAB>` offers `gpt rnn lstm gru`. The shipped script is unchanged.
+    word starts: `model.family=<TAB>` offers `gpt rnn lstm gru`. The script is BASH_SCRIPT.
     """
+
+    source_template = BASH_SCRIPT
 
     _cut = ""  # the part of the completed word that bash keeps, left of its last `=`
 
@@ -259,5 +281,9 @@ class _BashComplete(BashComplete):
 
 
 def use_bash_equals_fix() -> None:
-    """Make `complete_bash` requests go through _BashComplete; call after typer registered its own classes."""
+    """Make `complete_bash` and `source_bash` requests go through _BashComplete, and `--show-completion` /
+    `--install-completion` write BASH_SCRIPT; call after typer registered its own classes."""
+    from typer import _completion_shared
+
     add_completion_class(_BashComplete, "bash")
+    _completion_shared._completion_scripts["bash"] = BASH_SCRIPT

@@ -18,7 +18,7 @@ EPILOG = (
 
 def report_cli(
     paths: List[Path] = typer.Argument(
-        ..., metavar="PATH", show_default=False,
+        ..., show_default=False,
         help="A run dir (train), a study dir (tune), or model, compressed model and export dirs to compare.",
     ),
     out: Optional[Path] = typer.Option(

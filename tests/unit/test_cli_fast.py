@@ -6,6 +6,7 @@ Each test runs the installed package in a fresh interpreter, as a person's shell
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -158,13 +159,28 @@ def test_recipes_show_of_a_typo_suggests_the_name_and_exits_2(tmp_path):
 def test_recipes_cp_then_validate_json_prints_one_object_named_after_the_file(tmp_path):
     cp = llmctl_run("recipes", "cp", "tiny-gpt", "my.yaml", cwd=tmp_path)
     assert cp.returncode == 0, cp.stderr
-    assert (tmp_path / "my.yaml").read_text() == (REPO_ROOT / "recipes" / "tiny-gpt.yaml").read_text()
+    import yaml
+
+    copied, shipped = (tmp_path / "my.yaml").read_text(), (REPO_ROOT / "recipes" / "tiny-gpt.yaml").read_text()
+    assert yaml.safe_load(copied) == yaml.safe_load(shipped)  # only comments differ (they name my.yaml)
     result = llmctl_run("recipes", "validate", "my.yaml", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)  # the whole of stdout is exactly one JSON document
     assert out["valid"] is True
     assert out["recipe"]["run"]["name"] == "my"
     assert out["recipe"]["model"]["n_layer"] == 4 and out["recipe"]["train"]["lr"] == 3e-3
+
+
+def test_recipes_cp_renames_the_recipe_in_its_comments_but_not_in_its_values(tmp_path):
+    assert llmctl_run("recipes", "cp", "tiny-gpt", "my.yaml", cwd=tmp_path).returncode == 0
+    text = (tmp_path / "my.yaml").read_text()
+    assert "tiny-gpt" not in text and "tiny-int8" not in text
+    assert "llmctl train my.yaml train.lr=3e-3" in text and "runs/my/model -o out/my-int8" in text
+    assert llmctl_run("recipes", "cp", "lora-instruct", "ft.yaml", cwd=tmp_path).returncode == 0
+    text = (tmp_path / "ft.yaml").read_text()
+    assert "llmctl train ft.yaml" in text and "llmctl serve runs/ft/model" in text
+    # Another recipe's name (the base model it fine-tunes) is not this recipe's: comments and values keep it.
+    assert "llmctl train recipes/tiny-gpt.yaml" in text and "init_from: runs/tiny-gpt/model" in text
 
 
 def test_recipes_cp_refuses_to_overwrite_without_force(tmp_path):
@@ -337,3 +353,40 @@ def test_shipped_completion_scripts_match_what_llmctl_generates(tmp_path, shell)
     result = llmctl_run(cwd=tmp_path, _LLMCTL_COMPLETE=f"source_{shell}")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (REPO_ROOT / "completions" / f"llmctl.{shell}").read_text(encoding="utf-8").strip()
+
+
+def _every_command_path() -> list[list[str]]:
+    import typer.main
+
+    from llmctl.cli import app
+
+    root = typer.main.get_command(app)
+    paths = [[]]
+    for name, command in root.commands.items():
+        paths.append([name])
+        paths += [[name, sub] for sub in getattr(command, "commands", {})]
+    return paths
+
+
+def test_every_help_shows_flags_without_a_value_type_and_one_usage_style():
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    runner = CliRunner()
+    for path in _every_command_path():
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+        assert result.exit_code == 0, (path, result.output)
+        assert "<bool>" not in result.output, (path, result.output)
+        usage = next(line for line in result.output.splitlines() if "Usage:" in line)
+        # Arguments as typer writes them, lower case: {recipe} [overrides]... {model_dir} {paths}...
+        for word in usage.split()[2 + len(path):]:
+            if word not in ("[OPTIONS]", "COMMAND", "[ARGS]..."):
+                assert re.fullmatch(r"(\{[a-z_]+\}|\[[a-z_]+\])(\.\.\.)?", word), (path, usage)
+
+
+def test_eval_help_says_data_takes_a_labelled_file_and_samples_are_greedy_by_default(tmp_path):
+    result = llmctl_run("eval", "--help", cwd=tmp_path)
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stdout).split())
+    assert "a classifier also takes a labelled CSV or JSONL file" in text
+    assert "0: greedy" in text and "[default: 0.0]" in text

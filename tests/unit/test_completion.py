@@ -24,6 +24,7 @@ from tests.unit.test_cli_fast import (
     COMPLETION_MODULE_BUDGET,
     HEAVY_LIBRARIES,
     complete,
+    llmctl_run,
     python_c,
     run_counting_imports,
     top_level,
@@ -63,8 +64,8 @@ def project(tmp_path: Path) -> Path:
 
 def test_dotted_keys_complete_after_a_recipe_path(project):
     got = bash(project, "llmctl train my.yaml train.l")
-    assert {"train.lr", "train.log_every", "train.l1"} <= set(got)
-    assert all(g.startswith("train.l") for g in got)
+    assert {"train.lr=", "train.log_every=", "train.l1="} <= set(got)  # the value comes next: no space after
+    assert all(g.startswith("train.l") and g.endswith("=") for g in got)
 
 
 def test_enum_value_completes_to_its_choices_in_bash(project):
@@ -94,11 +95,20 @@ def test_zsh_and_fish_get_whole_words_with_help(project):
     out = zsh(project, "llmctl train my.yaml model.family=")
     assert '"model.family=lstm"' in out
     out = zsh(project, "llmctl train my.yaml train.lo")
-    assert '"train.log_every":"Write a metrics.jsonl row every N steps."' in out
+    assert '"train.log_every=":"Write a metrics.jsonl row every N steps."' in out
     fish = complete(project, _LLMCTL_COMPLETE="complete_fish", _TYPER_COMPLETE_FISH_ACTION="get-args",
                     _TYPER_COMPLETE_ARGS="llmctl train my.yaml ")
-    assert "train.lr\tPeak learning rate." in fish
+    assert "train.lr=\tPeak learning rate." in fish
     assert all("\t" in line for line in fish)  # one candidate a line: no help wrapped onto a line of its own
+
+
+def test_the_bash_script_drops_the_space_after_a_dir_or_key_and_show_completion_prints_it(project):
+    shipped = (Path(__file__).resolve().parents[2] / "completions" / "llmctl.bash").read_text(encoding="utf-8")
+    assert "compopt -o nospace" in shipped and "*[/=]" in shipped
+    # What --install-completion writes too; the variable makes typer take the shell's name instead of detecting it.
+    shown = llmctl_run("--show-completion", "bash", cwd=project, _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == shipped.strip()
 
 
 def test_an_options_value_after_equals_still_completes_in_bash(project):
