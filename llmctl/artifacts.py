@@ -219,11 +219,21 @@ def write_failure(error: BaseException, what: str, target: Path, *, kept: str = 
     return None if code is None else _failure(code, error, what, target, kept=kept)
 
 
+def _newest_file(folder: Path) -> str | None:
+    """The file written last below `folder`: where a writer that names no file was when it failed."""
+    try:
+        files = [p for p in Path(folder).rglob("*") if p.is_file()]
+        return str(max(files, key=lambda p: p.stat().st_mtime_ns)) if files else None
+    except OSError:
+        return None
+
+
 def _failure(code: int, error: BaseException, what: str, target: Path, *, kept: str,
-             free_before: int | None = None) -> WriteFailed:
-    """`free_before`: free bytes measured before the partial write was removed (the message gives both)."""
+             free_before: int | None = None, file: str | None = None) -> WriteFailed:
+    """`free_before`: free bytes measured before the partial write was removed (the message gives both);
+    `file`: the file being written, when the error itself names none."""
     cause, fix = _WRITE_ERRNOS[code]
-    file = _failed_file(error)
+    file = _failed_file(error) or file
     named = f" ({Path(file).name})" if file and Path(file).name not in (Path(target).name, "") else ""
     problem = f"cannot write {what}{named}: {cause}"
     if code in _SPACE_ERRNOS:
@@ -258,11 +268,13 @@ def writing(what: str, target: Path, *, partial: Path | None = None, kept: str =
     except BaseException as error:
         free_before = free_bytes(target)
         code = _write_errno(error, target) if isinstance(error, Exception) and not isinstance(error, LlmctlError) else None
+        file = _newest_file(partial) if code is not None and partial is not None and Path(partial).is_dir() else None
         if partial is not None:
             remove_path(partial)
         if code is None:
             raise
-        raise _failure(code, error, what, target, kept=kept, free_before=free_before if partial else None) from None
+        raise _failure(code, error, what, target, kept=kept, free_before=free_before if partial else None,
+                       file=file) from None
 
 
 @contextmanager

@@ -117,7 +117,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_naming_the_intact_one_and_r
     (workdir / "tiny.yaml").write_text(TINY_RECIPE.format(max_steps=15))
     fault = f"write-fails:ENOSPC:*/checkpoints/.step-10.tmp/{file}"
     proc = run_cli_with(workdir, {"LLMCTL_TEST_FAULT": fault}, "train", "tiny.yaml", check=False)
-    assert_clean_failure(proc, 1, "cannot write the checkpoint runs/tiny/checkpoints/step-10: no space left on device",
+    assert_clean_failure(proc, 1, f"cannot write the checkpoint runs/tiny/checkpoints/step-10 ({file}): no space left on device",
                          "free there", "The newest checkpoint, runs/tiny/checkpoints/step-5, is intact", "--resume")
     _one_error_line(proc)
     ckpts = workdir / "runs/tiny/checkpoints"
