@@ -36,6 +36,7 @@ from llmctl.serving.decoding import ChoicePiece, ChoiceStats, EngineFailure, Sto
 from llmctl.serving.metrics import ServerMetrics
 from llmctl.serving.prompts import PromptEncoder
 from llmctl.serving.protocol import (
+    MAX_CLASSIFY_TEXTS,
     ApiError,
     ChatCompletionRequest,
     ClassificationRequest,
@@ -208,7 +209,7 @@ async def _generate(state: ServingState, request: Request, endpoint: str) -> Res
 
 def _prepare_completion(state: ServingState, raw: bytes, content_type: str | None, arrived: float) -> "_Job":
     """A /v1/completions body as a job ready to submit (worker thread); ApiError for a bad request."""
-    body = parse_request(raw, content_type, CompletionRequest, before=lambda data: _refuse_oversized_lists(state, data))
+    body = parse_request(raw, content_type, CompletionRequest, before=_list_bounds(state))
     engine = state.require_engine()
     _check_request(state, body)
     prompts = [_prompt_ids(state, p, where) for where, p in _prompt_list(body.prompt)]
@@ -217,7 +218,7 @@ def _prepare_completion(state: ServingState, raw: bytes, content_type: str | Non
 
 def _prepare_chat(state: ServingState, raw: bytes, content_type: str | None, arrived: float) -> "_Job":
     """A /v1/chat/completions body as a job ready to submit (worker thread); ApiError for a bad request."""
-    body = parse_request(raw, content_type, ChatCompletionRequest, before=lambda data: _refuse_oversized_lists(state, data))
+    body = parse_request(raw, content_type, ChatCompletionRequest, before=_list_bounds(state))
     engine = state.require_engine()
     _check_request(state, body)
     try:
@@ -232,7 +233,7 @@ def _prepare_classify(state: ServingState, raw: bytes, content_type: str | None)
     """A /v1/classify body's runner, texts, and their token ids and lengths (worker thread); ApiError if bad."""
     from llmctl.errors import LlmctlError
 
-    body = parse_request(raw, content_type, ClassificationRequest)
+    body = parse_request(raw, content_type, ClassificationRequest, before=_list_bounds(state))
     runner = state.require_engine()
     _check_request(state, body)
     texts = body.texts()
@@ -243,20 +244,28 @@ def _prepare_classify(state: ServingState, raw: bytes, content_type: str | None)
     return runner, texts, ids, lengths
 
 
-def _refuse_oversized_lists(state: ServingState, data: dict[str, Any]) -> None:
-    """Refuse a prompt or message list too long to fit the context before validating each item (for
-    millions of items, that alone would hold the GIL for seconds): every prompt needs a token of the
-    context, every token id is one, and a message renders to one at least."""
+def _list_bounds(state: ServingState) -> Callable[[dict[str, Any]], None]:
+    """A check of a parsed body that refuses a list too long for any request before each item is validated
+    (for millions of items that alone would hold the GIL for seconds): a prompt or message list longer
+    than the context (every prompt needs a token of it, every token id is one, a message renders to one
+    at least), or more texts to classify than a request takes."""
     limit = state.context_length
-    prompt, messages = data.get("prompt"), data.get("messages")
-    if isinstance(prompt, list):
-        longest = max([len(prompt)] + [len(p) for p in prompt[: limit + 1] if isinstance(p, list)])
-        if longest > limit:
-            raise ApiError(400, f"prompt: a list of {longest:,} items cannot fit this model's context of {limit} tokens.",
-                           param="prompt", code="context_length_exceeded")
-    if isinstance(messages, list) and len(messages) > limit:
-        raise ApiError(400, f"messages: {len(messages):,} messages cannot fit this model's context of {limit} tokens.",
-                       param="messages", code="context_length_exceeded")
+
+    def refuse(data: dict[str, Any]) -> None:
+        prompt, messages, texts = data.get("prompt"), data.get("messages"), data.get("input")
+        if isinstance(prompt, list):
+            longest = max([len(prompt)] + [len(p) for p in prompt[: limit + 1] if isinstance(p, list)])
+            if longest > limit:
+                raise ApiError(400, f"prompt: a list of {longest:,} items cannot fit this model's context of {limit} "
+                               "tokens.", param="prompt", code="context_length_exceeded")
+        if isinstance(messages, list) and len(messages) > limit:
+            raise ApiError(400, f"messages: {len(messages):,} messages cannot fit this model's context of {limit} "
+                           "tokens.", param="messages", code="context_length_exceeded")
+        if isinstance(texts, list) and len(texts) > MAX_CLASSIFY_TEXTS:
+            raise ApiError(400, f"input: at most {MAX_CLASSIFY_TEXTS} texts per request, got {len(texts):,}; send them "
+                           "in several requests.", param="input")
+
+    return refuse
 
 
 def _check_model(state: ServingState, model: str | None) -> None:

@@ -56,12 +56,13 @@ def write_cycle_corpus(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A trained model (runs/tiny/model), its ONNX export (out/onnx) and an int8 copy (out/int8)."""
+    """A trained model (runs/tiny/model), its ONNX export with an int8 graph too (out/onnx) and an int8 copy
+    (out/int8)."""
     root = tmp_path_factory.mktemp("serve")
     write_cycle_corpus(root / "corpus")
     (root / "tiny.yaml").write_text(RECIPE, encoding="utf-8")
     run_cli(root, "train", "tiny.yaml")
-    run_cli(root, "export", "runs/tiny/model", "-o", "out/onnx")
+    run_cli(root, "export", "runs/tiny/model", "-o", "out/onnx", "--quantize", "int8")
     run_cli(root, "compress", "runs/tiny/model", "--quantize", "int8", "-o", "out/int8", "--no-speed")
     return root
 
@@ -270,6 +271,9 @@ BAD = [
     ("/v1/completions", {"prompt": {"text": "apple"}}, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}], "max_tokens": 0}, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, "model"),
+    ("/v1/completions", {"prompt": "apple", "repetition_penalty": 1.3}, "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "min_p": 0.2}, "min_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
 ]
 
 
@@ -399,6 +403,146 @@ def test_64_requests_from_16_concurrent_clients_match_their_sequential_twins(bac
     assert metric(srv.url, "llmctl_decode_batch_size_bucket", le="1.0") < steps  # some steps really batched
 
 
+# --------------------------------------------------------------------------- hostile bodies and text
+
+
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory (VmRSS) or its peak (VmHWM), in bytes, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+class HealthProbe:
+    """GET /health over and over on its own connection, in a thread, recording each answer's status and
+    latency (seconds), until stopped."""
+
+    def __init__(self, url: str, interval_s: float = 0.02):
+        self.url, self.interval_s = url, interval_s
+        self.samples: list[tuple[int, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "HealthProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                status = client.get(f"{self.url}/health").status_code
+                self.samples.append((status, time.perf_counter() - t0))
+                time.sleep(self.interval_s)
+
+    @property
+    def worst_s(self) -> float:
+        return max(latency for _, latency in self.samples)
+
+
+def fifty_mb_prompt() -> Iterator[bytes]:
+    """A 50 MB JSON body, made one MiB at a time as it is sent (the test never holds it)."""
+    yield b'{"max_tokens": 1, "prompt": "'
+    for _ in range(50):
+        yield b"apple river " * (2**20 // 12)
+    yield b'"}'
+
+
+# The issue's bound is 100 ms; on a shared 2-core CI machine one scheduling hiccup can pass that, so the
+# test allows 1 s (a frozen server took 99 s) and reports the worst it saw.
+HEALTH_WORST_S = 1.0
+RSS_GROWTH_BYTES = 300 * 2**20
+
+
+def test_a_chunked_50_mb_body_is_refused_while_health_answers_and_memory_stays_bounded(server: Server) -> None:
+    rss_before = rss_bytes(server.proc.pid)
+    with HealthProbe(server.url) as probe:
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        try:  # no Content-Length: httpx sends a generator with Transfer-Encoding: chunked
+            r = httpx.post(f"{server.url}/v1/completions", content=fifty_mb_prompt(),
+                           headers={"content-type": "application/json"}, timeout=60)
+            answer: Any = (r.status_code, r.json()["error"]["code"])
+        except httpx.TransportError as e:  # the server closed the connection while the client still sent
+            answer = type(e).__name__
+        refused_s = time.perf_counter() - t0
+        # Under the cap, a prompt far beyond the context is refused before it is tokenized, and a body of
+        # millions of token ids before it is parsed (either would hold the GIL for seconds).
+        big = {"prompt": "apple river " * (15 * 2**20 // 12), "max_tokens": 1}
+        r = httpx.post(f"{server.url}/v1/completions", json=big, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+        ids = b'{"max_tokens": 1, "prompt": [' + b"5," * (7 * 2**20) + b"5]}"
+        r = httpx.post(f"{server.url}/v1/completions", content=ids, headers={"content-type": "application/json"},
+                       timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text[:300]
+        del ids
+        time.sleep(0.2)
+    peak, rss_after = rss_bytes(server.proc.pid, "VmHWM"), rss_bytes(server.proc.pid)
+    print(f"50 MB chunked body: {answer} after {refused_s:.2f} s; /health: {len(probe.samples)} answers, worst "
+          f"{1000 * probe.worst_s:.0f} ms; server RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB, "
+          f"peak {peak / 2**20:.0f} MiB")
+    assert answer in ((413, "body_too_large"), "WriteError", "RemoteProtocolError", "ReadError"), answer
+    assert len(probe.samples) >= 10 and all(status == 200 for status, _ in probe.samples)
+    assert probe.worst_s < HEALTH_WORST_S, sorted(latency for _, latency in probe.samples)[-5:]
+    assert peak - rss_before < RSS_GROWTH_BYTES and rss_after - rss_before < RSS_GROWTH_BYTES
+    assert complete(server.url, {"prompt": "apple", "max_tokens": 2}).status_code == 200
+
+
+def test_an_api_key_refuses_a_chunked_body_before_reading_it(small_server: Server) -> None:
+    t0 = time.perf_counter()
+    try:
+        r = httpx.post(f"{small_server.url}/v1/completions", content=fifty_mb_prompt(),
+                       headers={"content-type": "application/json"}, timeout=60)
+        answer: Any = r.status_code
+    except httpx.TransportError as e:
+        answer = type(e).__name__
+    assert answer in (401, "WriteError", "RemoteProtocolError", "ReadError"), answer
+    assert httpx.get(f"{small_server.url}/health").status_code == 200
+    print(f"unauthenticated 50 MB chunked body: {answer} after {time.perf_counter() - t0:.2f} s")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_lone_surrogate_is_a_400_naming_the_field_on_both_endpoints(backend: str, request) -> None:
+    srv: Server = request.getfixturevalue("server" if backend == "torch" else "onnx_server")
+    json_type = {"content-type": "application/json"}
+    for path, raw, param in (
+        ("/v1/completions", b'{"prompt": "apple \\ud800", "max_tokens": 2}', "prompt"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}',
+         "messages.0.content"),
+    ):
+        error = assert_error(httpx.post(f"{srv.url}{path}", content=raw, headers=json_type, timeout=30), 400, param)
+        assert "lone surrogate" in error["message"], error
+    assert complete(srv.url, {"prompt": "apple", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_special_token_string_in_user_text_is_text_not_the_end_of_text_token(backend: str, request) -> None:
+    srv: Server = request.getfixturevalue("server" if backend == "torch" else "onnx_server")
+    r = complete(srv.url, {"prompt": "<|endoftext|>", "max_tokens": 1, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 1, r.text  # its characters, not one token
+    chat = {"messages": [{"role": "user", "content": "<|endoftext|>"}], "max_tokens": 1}
+    with_literal = httpx.post(f"{srv.url}/v1/chat/completions", json=chat, timeout=60).json()["usage"]["prompt_tokens"]
+    chat["messages"][0]["content"] = ""
+    empty = httpx.post(f"{srv.url}/v1/chat/completions", json=chat, timeout=60).json()["usage"]["prompt_tokens"]
+    assert with_literal > empty + 1
+
+
+def test_the_int8_graph_of_an_export_dir_is_served_with_graph_int8(workdir: Path) -> None:
+    srv = Server(workdir, "out/onnx", "--graph", "int8").wait_ready()
+    try:
+        assert "serving onnx (onnxruntime int8)" in srv.log(), srv.log()
+        assert httpx.get(f"{srv.url}/health").json()["backend"] == "onnxruntime int8"
+        r = complete(srv.url, {"prompt": prompt(3), "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    finally:
+        assert srv.terminate() == 0, srv.log()
+
+
 # --------------------------------------------------------------------------- auth, queue, int8
 
 
@@ -505,3 +649,14 @@ def test_bad_input_at_start_exits_2_with_a_clear_message(workdir: Path) -> None:
 
     proc = run_cli(workdir, "serve", "out/onnx", "--dtype", "bf16", "--port", str(free_port()), check=False, timeout=60)
     assert_clean_failure(proc, 2, "--dtype bf16")
+
+    for args, needle in ((("runs/tiny/model", "--graph", "int8"), "--graph int8: picks the graph of an ONNX export dir"),
+                         (("out/onnx", "--graph", "int4"), "--graph 'int4': expected one of fp32, int8"),
+                         (("out/onnx/model.int8.onnx",), "serve its export dir: `llmctl serve out/onnx --graph int8`")):
+        proc = run_cli(workdir, "serve", *args, "--port", str(free_port()), check=False, timeout=60)
+        assert_clean_failure(proc, 2, needle)
+    no_int8 = workdir / "out/no-int8"
+    shutil.copytree(workdir / "out/onnx", no_int8)
+    (no_int8 / "model.int8.onnx").unlink()
+    proc = run_cli(workdir, "serve", "out/no-int8", "--graph", "int8", "--port", str(free_port()), check=False, timeout=60)
+    assert_clean_failure(proc, 2, "has no model.int8.onnx")
