@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """`llmctl serve` under load: generated tokens/s with 1 client and with 16 concurrent clients on the same
-server, request latency and time to first token.
+server, request latency, time to first token and the server's CPU time per token, for the torch backend
+(a model dir) and the ONNX Runtime backend (its export dir) side by side.
 
-    .venv/bin/python benchmarks/bench_serve.py [--model-dir DIR] [--rounds R] [--quick] [--out FILE]
+    .venv/bin/python benchmarks/bench_serve.py [--backend torch|onnxruntime|both] [--model-dir DIR]
+                                               [--rounds R] [--quick] [--out FILE]
 
-The server is the real command (`python -m llmctl serve DIR --port P`, defaults otherwise: max batch
+Each server is the real command (`python -m llmctl serve DIR --port P`, defaults otherwise: max batch
 16, queue 64) in a subprocess on a free loopback port, started once; the clients are this process
-(httpx, asyncio). The model is `--model-dir`, or a tiny-gpt-shaped `gpt` (recipes/tiny-gpt.yaml: 4
-layers, 4 heads, d_model 128, context 128, vocab 4,096) with random weights (seed 0) and a byte-level
-BPE tokenizer trained on ~2 MB of this Python's standard library, saved as a model dir in a temp dir.
+(raw sockets, asyncio). The model is `--model-dir`, or a tiny-gpt-shaped `gpt` (recipes/tiny-gpt.yaml:
+4 layers, 4 heads, d_model 128, context 128, vocab 4,096) with random weights (seed 0) and a byte-level
+BPE tokenizer trained on ~2 MB of this Python's standard library, saved as a model dir in a temp dir;
+the ONNX Runtime backend serves its export (`llmctl.export.onnx_export.export_onnx`, fp32). Both
+servers run for the whole benchmark; only one is sent requests at a time.
 
 Workload: completion requests of PROMPT random token ids (seed per request, never the end-of-text id)
 with max_tokens MAX_TOKENS, greedy (temperature 0), streamed with stream_options.include_usage; a
@@ -19,17 +23,22 @@ end-of-text token; the count is what was generated). Phases:
 - 16 clients: REQUESTS_16 requests, 16 in flight at all times (16 asyncio workers on one queue).
 
 Throughput of a phase = its generated tokens / its wall time (first send to last [DONE]). A round runs
-both phases, 1 then 16 in even rounds and 16 then 1 in odd ones, so slow drift cancels; the ratio of a
-round is its 16-client tokens/s over its 1-client tokens/s, and the figure judged is the ratio of the
-medians over rounds. Latency: send to [DONE]; time to first token: send to the first event with text;
+both phases on each backend, interleaved: backends in turn (torch first in even rounds, ONNX Runtime
+first in odd ones), and on each 1 then 16 clients in even rounds, 16 then 1 in odd ones, so slow drift
+cancels; the ratio of a round is its 16-client tokens/s over its 1-client tokens/s, and the figure
+judged is the ratio of the medians over rounds, per backend. Latency: send to [DONE]; time to first token: send to the first event with text;
 p50 / p99 over all requests of a phase kind, all rounds pooled. The decode batch size is the server's
-own figure (the llmctl_decode_batch_size histogram of /metrics: sum / count over the phase).
+own figure (the llmctl_decode_batch_size histogram of /metrics: sum / count over the phase); its CPU
+time per token (all its threads, from /proc, median over rounds) is steadier than tokens/s when other
+processes share the cores.
 
-Target (issue 6): 16-client tokens/s >= 5x 1-client tokens/s on the tiny model.
+Targets: 16-client tokens/s >= 5x 1-client tokens/s on the tiny model (issue 6, torch), and the
+ONNX Runtime backend scaling at least as the torch one does (issue 16).
 
-Absolute figures are context only: the clients share the machine's 2 cores with the server, and
-another busy process slows PyTorch many times over (shared/NOTES.md); the ratios are measured in
-the same run, on the same server.
+Absolute figures are context only: the clients share the machine's cores with the servers (run it
+under `taskset -c 0,1` for a 2-core figure on a bigger machine), and another busy process slows
+PyTorch many times over (shared/NOTES.md); the ratios are measured in the same run, on the same
+servers. The CPU model and the cores this process may use are printed with the figures.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -59,6 +69,7 @@ TINY = {"family": "gpt", "n_layer": 4, "n_head": 4, "d_model": 128, "context_len
 VOCAB = 4096
 TOKENIZER_TEXT_BYTES = 2_000_000
 TARGET_RATIO = 5.0
+BACKENDS = ("torch", "onnxruntime")
 
 
 # --------------------------------------------------------------------------- the model
@@ -86,6 +97,31 @@ def random_model_dir(dest: Path) -> Path:
     model = build_model({**TINY, "vocab_size": VOCAB})
     save_model_dir(model, dest, tokenizer_path=tok_path, provenance={"note": "bench_serve: random weights"})
     return dest
+
+
+def onnx_export_dir(model_dir: Path, dest: Path) -> Path:
+    """The fp32 ONNX export of `model_dir` (verified against PyTorch, as `llmctl export` does)."""
+    from llmctl.export.onnx_export import export_onnx
+    from llmctl.models.model_dir import load_model_dir
+
+    report = export_onnx(load_model_dir(model_dir), dest)
+    if not report.passed:
+        raise SystemExit(f"bench_serve: the ONNX export of {model_dir} failed its parity check")
+    return dest
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), and how many cores this process may run on."""
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {usable} of {os.cpu_count()} cores usable"
 
 
 # --------------------------------------------------------------------------- the server
@@ -120,6 +156,15 @@ def start_server(model_dir: Path, log_path: Path, threads: int | None) -> tuple[
         time.sleep(0.1)
     proc.kill()
     raise SystemExit(f"bench_serve: the server was not ready within 120 s:\n{log_path.read_text()}")
+
+
+def server_cpu_s(pid: int) -> float | None:
+    """CPU seconds the server process has used, all its threads (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def server_figure(url: str, name: str) -> float:
@@ -179,7 +224,7 @@ async def one_request(host: str, port: int, body: dict) -> dict:
     return {"latency_s": done - t0, "ttft_s": (first or done) - t0, "tokens": int(usage[-1]) if usage else 0}
 
 
-async def run_phase(url: str, requests: list[dict], clients: int) -> dict:
+async def run_phase(url: str, requests: list[dict], clients: int, pid: int | None = None) -> dict:
     host, port = url.removeprefix("http://").split(":")
     queue: asyncio.Queue = asyncio.Queue()
     for body in requests:
@@ -196,15 +241,19 @@ async def run_phase(url: str, requests: list[dict], clients: int) -> dict:
 
     steps0 = server_figure(url, "llmctl_decode_batch_size_count")
     rows0 = server_figure(url, "llmctl_decode_batch_size_sum")
+    server0 = server_cpu_s(pid) if pid else None
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    server1 = server_cpu_s(pid) if pid else None
     steps = server_figure(url, "llmctl_decode_batch_size_count") - steps0
     rows = server_figure(url, "llmctl_decode_batch_size_sum") - rows0
     tokens = sum(r["tokens"] for r in results)
     return {
         "clients": clients, "requests": len(results), "tokens": tokens, "elapsed_s": elapsed,
         "tokens_per_s": tokens / elapsed, "client_cpu_s": cpu,
+        "server_cpu_ms_per_token": (1000 * (server1 - server0) / tokens
+                                    if server0 is not None and server1 is not None and tokens else None),
         "mean_decode_batch": rows / steps if steps else None,
         "latency_s": [r["latency_s"] for r in results], "ttft_s": [r["ttft_s"] for r in results],
     }
@@ -224,6 +273,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", choices=(*BACKENDS, "both"), default="both", help="which servers to measure")
     ap.add_argument("--model-dir", type=Path, default=None, help="serve this model dir (default: random tiny-gpt)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of both phases (default 3, quick 2)")
     ap.add_argument("--requests-1", type=int, default=None, help="1-client requests per round (default 12, quick 6)")
@@ -238,6 +288,7 @@ def main() -> None:
     rounds = args.rounds or (2 if q else 3)
     n1 = args.requests_1 or (6 if q else 12)
     n16 = args.requests_16 or (32 if q else 64)
+    backends = BACKENDS if args.backend == "both" else (args.backend,)
     t_start = time.perf_counter()
     load_before = os.getloadavg()
 
@@ -247,6 +298,10 @@ def main() -> None:
         else:
             print("building a random tiny-gpt model dir ...", file=sys.stderr, flush=True)
             model_dir, source = random_model_dir(Path(tmp) / "model"), "random weights, tiny-gpt shape"
+        dirs = {"torch": model_dir}
+        if "onnxruntime" in backends:
+            print("exporting it to ONNX ...", file=sys.stderr, flush=True)
+            dirs["onnxruntime"] = onnx_export_dir(model_dir, Path(tmp) / "onnx")
         config = json.loads((model_dir / "config.json").read_text())
         from tokenizers import Tokenizer
 
@@ -256,39 +311,66 @@ def main() -> None:
         vocab = config["vocab_size"]
         if args.prompt_tokens + args.max_tokens > config["context_length"]:
             raise SystemExit(f"--prompt-tokens + --max-tokens must fit the context ({config['context_length']})")
-        proc, url = start_server(model_dir, Path(tmp) / "serve.log", args.threads)
+        servers: dict[str, tuple[subprocess.Popen, str]] = {}
+        codes: dict[str, int | None] = {}
         try:
-            # Warm-up: both phase shapes once, untimed.
-            asyncio.run(run_phase(url, make_requests(2, args.prompt_tokens, args.max_tokens, vocab, eot, 999), 1))
-            asyncio.run(run_phase(url, make_requests(16, args.prompt_tokens, args.max_tokens, vocab, eot, 998), 16))
-            phases: dict[int, list[dict]] = {1: [], 16: []}
+            for backend in backends:
+                servers[backend] = start_server(dirs[backend], Path(tmp) / f"serve-{backend}.log", args.threads)
+            for backend in backends:  # warm-up: both phase shapes once, untimed
+                url = servers[backend][1]
+                asyncio.run(run_phase(url, make_requests(2, args.prompt_tokens, args.max_tokens, vocab, eot, 999), 1))
+                asyncio.run(run_phase(url, make_requests(16, args.prompt_tokens, args.max_tokens, vocab, eot, 998), 16))
+            phases: dict[str, dict[int, list[dict]]] = {b: {1: [], 16: []} for b in backends}
             for r in range(rounds):
-                order = (1, 16) if r % 2 == 0 else (16, 1)
-                for clients in order:
-                    n = n1 if clients == 1 else n16
-                    reqs = make_requests(n, args.prompt_tokens, args.max_tokens, vocab, eot, salt=r * 2 + (clients > 1))
-                    result = asyncio.run(run_phase(url, reqs, clients))
-                    result["round"] = r
-                    phases[clients].append(result)
-                    print(f"  round {r + 1}/{rounds}: {clients:2d} client(s) {result['tokens_per_s']:8.1f} tok/s "
-                          f"({time.perf_counter() - t_start:4.0f} s)", file=sys.stderr, flush=True)
+                for backend in (backends if r % 2 == 0 else backends[::-1]):
+                    for clients in ((1, 16) if r % 2 == 0 else (16, 1)):
+                        n = n1 if clients == 1 else n16
+                        reqs = make_requests(n, args.prompt_tokens, args.max_tokens, vocab, eot,
+                                             salt=r * 2 + (clients > 1))
+                        proc, url = servers[backend]
+                        result = asyncio.run(run_phase(url, reqs, clients, proc.pid))
+                        result["round"] = r
+                        phases[backend][clients].append(result)
+                        print(f"  round {r + 1}/{rounds} {backend:11s}: {clients:2d} client(s) "
+                              f"{result['tokens_per_s']:8.1f} tok/s ({time.perf_counter() - t_start:4.0f} s)",
+                              file=sys.stderr, flush=True)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = None
-        server_log = (Path(tmp) / "serve.log").read_text()
+            for backend, (proc, _) in servers.items():
+                proc.send_signal(signal.SIGTERM)
+            for backend, (proc, _) in servers.items():
+                try:
+                    codes[backend] = proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    codes[backend] = None
+        logs = {b: (Path(tmp) / f"serve-{b}.log").read_text() for b in backends}
 
-    report = summarize(phases, rounds, args, source, config, load_before, os.getloadavg(),
-                       time.perf_counter() - t_start, code, server_log)
+    report = {
+        "model": source,
+        "model_shape": {k: config.get(k) for k in ("n_layer", "n_head", "d_model", "context_length", "vocab_size")},
+        "workload": {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "temperature": 0,
+                     "stream": True, "server_threads": args.threads or "default"},
+        "cpu": cpu_model(),
+        "rounds": rounds,
+        "order": "one server per backend for the whole run; each round runs the backends in turn (the other first "
+                 "in odd rounds), and on each 1 then 16 clients (16 then 1 in odd rounds)",
+        "backends": {b: summarize(phases[b], rounds, logs[b], codes[b]) for b in backends},
+        "target_ratio": TARGET_RATIO,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "elapsed_s": time.perf_counter() - t_start,
+    }
+    if len(backends) == 2:
+        report["onnxruntime_over_torch_16_clients"] = (
+            report["backends"]["onnxruntime"]["sixteen_clients"]["median_tokens_per_s"]
+            / report["backends"]["torch"]["sixteen_clients"]["median_tokens_per_s"])
     print_table(report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def summarize(phases, rounds, args, source, config, load_before, load_after, elapsed, code, server_log) -> dict:
+def summarize(phases: dict[int, list[dict]], rounds: int, server_log: str, code: int | None) -> dict:
+    """One backend's figures: both phase kinds, the ratio of medians and of each round."""
     def kind(clients: int) -> dict:
         runs = phases[clients]
         lat = [x for r in runs for x in r["latency_s"]]
@@ -303,6 +385,7 @@ def summarize(phases, rounds, args, source, config, load_before, load_after, ela
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
             "mean_decode_batch": [r["mean_decode_batch"] for r in runs],
             "client_cpu_s": [r["client_cpu_s"] for r in runs],
+            "server_cpu_ms_per_token": _median_known(r["server_cpu_ms_per_token"] for r in runs),
         }
 
     one, many = kind(1), kind(16)
@@ -311,54 +394,59 @@ def summarize(phases, rounds, args, source, config, load_before, load_after, ela
         / next(x["tokens_per_s"] for x in phases[1] if x["round"] == r)
         for r in range(rounds)
     ]
-    ready = [line for line in server_log.splitlines() if line.startswith(("serving", "ready"))]
     return {
-        "model": source,
-        "model_shape": {k: config.get(k) for k in ("n_layer", "n_head", "d_model", "context_length", "vocab_size")},
-        "workload": {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "temperature": 0,
-                     "stream": True, "server_threads": args.threads or "torch default"},
-        "rounds": rounds,
-        "order": "one server for the whole run; each round runs 1 then 16 clients (16 then 1 in odd rounds)",
         "one_client": one,
         "sixteen_clients": many,
         "ratio": many["median_tokens_per_s"] / one["median_tokens_per_s"],
         "round_ratios": round_ratios,
-        "target_ratio": TARGET_RATIO,
-        "server": ready,
+        "server": [line for line in server_log.splitlines() if line.startswith(("serving", "ready"))],
         "server_exit_after_sigterm": code,
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "elapsed_s": elapsed,
     }
+
+
+def _median_known(xs: Any) -> float | None:
+    known = [x for x in xs if x is not None]
+    return statistics.median(known) if known else None
 
 
 def print_table(rep: dict) -> None:
     shape, w = rep["model_shape"], rep["workload"]
     print()
-    print(f"llmctl serve throughput, 1 vs 16 concurrent clients on one server ({rep['rounds']} rounds)")
+    print(f"llmctl serve throughput, 1 vs 16 concurrent clients on one server per backend ({rep['rounds']} rounds)")
+    print(f"  CPU: {rep['cpu']}")
     print(f"  model: {rep['model']}: gpt {shape['n_layer']}L d{shape['d_model']} h{shape['n_head']} "
-          f"ctx{shape['context_length']} vocab {shape['vocab_size']}; {' / '.join(rep['server'])}")
+          f"ctx{shape['context_length']} vocab {shape['vocab_size']}")
     print(f"  requests: {w['prompt_tokens']} prompt tokens, max_tokens {w['max_tokens']}, greedy, streamed; "
           f"server threads: {w['server_threads']}")
     print(f"  order: {rep['order']}")
     print(f"  load average (1 min) before {rep['load_average_before'][0]:.2f}, after {rep['load_average_after'][0]:.2f}; "
-          f"total {rep['elapsed_s']:.0f} s; server exit after SIGTERM: {rep['server_exit_after_sigterm']}")
+          f"total {rep['elapsed_s']:.0f} s")
     print()
-    head = (f"{'clients':>7s} {'tok/s (median)':>14s} {'per round':>24s} {'tok/req':>7s} {'batch':>5s} "
-            f"{'lat p50':>8s} {'lat p99':>8s} {'TTFT p50':>8s} {'TTFT p99':>8s}")
+    head = (f"{'backend':>11s} {'clients':>7s} {'tok/s (median)':>14s} {'per round':>24s} {'tok/req':>7s} {'batch':>5s} "
+            f"{'lat p50':>8s} {'lat p99':>8s} {'TTFT p50':>8s} {'TTFT p99':>8s} {'srv CPU/tok':>11s}")
     print(head)
     print("-" * len(head))
-    for k in (rep["one_client"], rep["sixteen_clients"]):
-        per = " ".join(f"{x:.0f}" for x in k["tokens_per_s"])
-        batch = statistics.mean(x for x in k["mean_decode_batch"] if x is not None)
-        print(f"{k['clients']:7d} {k['median_tokens_per_s']:14.1f} {per:>24s} {k['mean_tokens_per_request']:7.1f} "
-              f"{batch:5.1f} {1000 * k['latency_p50_s']:6.0f}ms {1000 * k['latency_p99_s']:6.0f}ms "
-              f"{1000 * k['ttft_p50_s']:6.1f}ms {1000 * k['ttft_p99_s']:6.1f}ms")
+    for backend, b in rep["backends"].items():
+        for k in (b["one_client"], b["sixteen_clients"]):
+            per = " ".join(f"{x:.0f}" for x in k["tokens_per_s"])
+            batch = statistics.mean(x for x in k["mean_decode_batch"] if x is not None)
+            print(f"{backend:>11s} {k['clients']:7d} {k['median_tokens_per_s']:14.1f} {per:>24s} "
+                  f"{k['mean_tokens_per_request']:7.1f} {batch:5.1f} {1000 * k['latency_p50_s']:6.0f}ms "
+                  f"{1000 * k['latency_p99_s']:6.0f}ms {1000 * k['ttft_p50_s']:6.1f}ms {1000 * k['ttft_p99_s']:6.1f}ms "
+                  f"{_ms(k['server_cpu_ms_per_token']):>11s}")
     print()
-    rr = " ".join(f"{x:.2f}" for x in rep["round_ratios"])
-    verdict = "meets" if rep["ratio"] >= rep["target_ratio"] else "is BELOW"
-    print(f"RESULT: 16 clients / 1 client = {rep['ratio']:.2f}x tokens/s (ratio of medians; per round {rr}): "
-          f"{verdict} the target {rep['target_ratio']}x")
+    for backend, b in rep["backends"].items():
+        rr = " ".join(f"{x:.2f}" for x in b["round_ratios"])
+        verdict = "meets" if b["ratio"] >= rep["target_ratio"] else "is BELOW"
+        print(f"RESULT {backend}: 16 clients / 1 client = {b['ratio']:.2f}x tokens/s (ratio of medians; per round "
+              f"{rr}): {verdict} the target {rep['target_ratio']}x; {' / '.join(b['server'])}; exit after SIGTERM "
+              f"{b['server_exit_after_sigterm']}")
+    if "onnxruntime_over_torch_16_clients" in rep:
+        print(f"RESULT onnxruntime / torch at 16 clients: {rep['onnxruntime_over_torch_16_clients']:.2f}x tokens/s")
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}ms"
 
 
 if __name__ == "__main__":
