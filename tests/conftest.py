@@ -5,6 +5,7 @@ Everything is built in the test's temp dir; nothing reaches the network.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +14,12 @@ import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (`make test` runs two workers on a 2-core machine) each worker and every llmctl process
+# it starts computes on one thread: two workers with two threads each would fight for the cores, which
+# slows PyTorch many times over (shared/NOTES.md). Set before torch is imported, and inherited by children.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The shape every fast test trains or runs: small enough for a fraction of a second on CPU.
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "context_length": 32, "vocab_size": 300}

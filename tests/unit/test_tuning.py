@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,10 @@ def test_a_study_file_never_exists_half_made(tmp_path: Path, monkeypatch: pytest
 
 
 def _running_trial(study: optuna.Study, worker: dict[str, Any]) -> optuna.trial.Trial:
-    trial = study.ask()
+    """A trial as a worker leaves it running (asked outside `optimize`, where Optuna warns about heartbeats)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trial = study.ask()
     trial.suggest_float("train.lr", 1e-3, 1.0, log=True)
     trial.set_user_attr("worker", worker)
     return trial
