@@ -245,7 +245,10 @@ class TrainConfig(_Section):
         "fp32", description="fp32, or bf16/fp16 autocast where the device supports it (fp16 needs a GPU)."
     )
     compile: bool = Field(False, description="Run the model through torch.compile (first step slower).")
-    eval_every: int = Field(100, ge=1, description="Evaluate on the val split every N steps (and at the end).")
+    eval_every: int = Field(
+        100, ge=1, description="Evaluate on the val split every N steps (and at the end); an N beyond the run's length "
+        "(a recipe written for more data) is scaled to it, with a note: once an epoch for runs of 2+ epochs, else 5 times.",
+    )
     eval_batches: int = Field(20, ge=1, description="Micro-batches of val data per process per evaluation.")
     log_every: int = Field(10, ge=1, description="Write a metrics.jsonl row every N steps.")
     checkpoint_every: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps (and at the end).")
