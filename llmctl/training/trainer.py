@@ -89,7 +89,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe: Recip
 
 def _run_inputs(recipe: Recipe) -> list[tuple[str, Path]]:
     """What a training run reads, as (what, path): the dataset dir, local sources, tokenizer, init_from."""
-    inputs = [("the dataset dir (data.dir)", recipe.data_dir())]
+    inputs = [("the dataset dir", recipe.data_dir())]
     for key, specs in (("data.sources", recipe.data.sources), ("data.val_sources", recipe.data.val_sources or [])):
         for i, spec in enumerate(specs):
             if not spec.path.startswith("builtin:") and Path(spec.path).exists():

@@ -136,7 +136,7 @@ def test_run_dir_that_is_the_dataset_dir_is_refused_and_leaves_it_untouched(work
     run_cli(workdir, "prepare", "tiny.yaml")
     before = _digest(workdir / "data/tiny")
     proc = run_cli(workdir, "train", "tiny.yaml", "--run-dir", "data/tiny", check=False)
-    assert_clean_failure(proc, 2, "--run-dir data/tiny: the same path as the dataset dir (data.dir)")
+    assert_clean_failure(proc, 2, "--run-dir data/tiny: the same path as the dataset dir (data/tiny), which this command reads")
     assert _digest(workdir / "data/tiny") == before
 
 

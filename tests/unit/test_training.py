@@ -386,8 +386,8 @@ def _recipe(tmp_path: Path, **data) -> "Recipe":
 
 
 @pytest.mark.parametrize("run, problem", [
-    ("data/r", r"--run-dir .*data/r: the same path as the dataset dir \(data\.dir\)"),
-    ("data/r/run", r"--run-dir .*data/r/run: inside the dataset dir \(data\.dir\)"),
+    ("data/r", r"--run-dir .*data/r: the same path as the dataset dir \(.*data/r\), which this command reads"),
+    ("data/r/run", r"--run-dir .*data/r/run: inside the dataset dir \(.*data/r\)"),
     ("corpus/run", r"--run-dir .*corpus/run: inside data\.sources\[0\]"),
 ])
 def test_a_run_dir_over_an_input_is_refused(tmp_path, run, problem):
