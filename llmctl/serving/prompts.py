@@ -87,9 +87,9 @@ class _Markers:
     """Placeholders for the special-token strings in user text, unguessable for this request."""
 
     def __init__(self, specials: list[str]):
-        self.specials = specials
+        self.specials = specials  # longest first, so that the regex prefers the longest match
         nonce = secrets.randbelow(10**12)  # digits and private-use characters: no template filter changes them
-        self._marks = [f"\ue000{nonce}.{i}\ue001" for i in range(len(specials))]
+        self._mark_of = {special: f"\ue000{nonce}.{i}\ue001" for i, special in enumerate(specials)}
         self._find_special = re.compile("|".join(map(re.escape, specials))) if specials else None
         self._find_mark = re.compile(f"\ue000{nonce}\\.(\\d+)\ue001")
 
@@ -99,7 +99,7 @@ class _Markers:
     def hide(self, text: str) -> str:
         if self._find_special is None:
             return text
-        return self._find_special.sub(lambda m: self._marks[self.specials.index(m.group(0))], text)
+        return self._find_special.sub(lambda m: self._mark_of[m.group(0)], text)
 
     def split(self, rendered: str) -> list[tuple[str, bool]]:
         """The rendered text as (piece, is a special-token string the user wrote), the placeholders undone."""
