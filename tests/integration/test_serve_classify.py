@@ -142,15 +142,24 @@ def test_an_api_key_guards_classify_and_sigterm_exits_0(workdir: Path) -> None:
     assert "SIGTERM" in srv.log() and "stopped" in srv.log()
 
 
-def test_an_onnx_export_of_the_classifier_serves_the_same_labels(workdir: Path) -> None:
-    export = run_cli(workdir, "export", "runs/sentiment-rnn/model", "-o", "out/onnx", check=False, timeout=600)
+def test_an_onnx_export_of_the_classifier_serves_the_same_labels_and_its_int8_graph_serves_too(workdir: Path) -> None:
+    export = run_cli(workdir, "export", "runs/sentiment-rnn/model", "-o", "out/onnx", "--quantize", "int8",
+                     check=False, timeout=600)
     assert export.returncode == 0, export.stderr
+    texts = [t for t, _ in SENTENCES]
     srv = Server(workdir, "out/onnx").wait_ready()
     try:
-        texts = [t for t, _ in SENTENCES]
         r = classify(srv.url, {"input": texts})
         assert r.status_code == 200, r.text
         assert [d["label"] for d in r.json()["data"]] == [label for _, label in SENTENCES]
         assert "onnxruntime" in srv.log()
+    finally:
+        assert srv.terminate() == 0, srv.log()
+    srv = Server(workdir, "out/onnx", "--graph", "int8").wait_ready()
+    try:
+        r = classify(srv.url, {"input": texts})
+        assert r.status_code == 200, r.text
+        assert {d["label"] for d in r.json()["data"]} <= {"negative", "positive"}
+        assert "(a classifier: negative, positive; onnxruntime int8)" in srv.log(), srv.log()
     finally:
         assert srv.terminate() == 0, srv.log()
