@@ -65,7 +65,7 @@ class ModelInfo:
     graph: Path | None = None  # the ONNX graph ONNX Runtime runs (an export dir), else None
 
 
-def graph_file(export: ExportDir, graph: str | None) -> Path:
+def _graph_file(export: ExportDir, graph: str | None) -> Path:
     """The ONNX file of an export dir that `--graph` names (None: fp32, model.onnx)."""
     return export.onnx_int8 if graph == "int8" else export.onnx
 
@@ -95,7 +95,7 @@ def inspect_model(path: Path, dtype: str, graph: str | None = None) -> ModelInfo
         config_path, tokenizer_path, what = layout.config, layout.tokenizer, "model dir"
     else:
         export = ExportDir(path)
-        onnx = graph_file(export, graph)
+        onnx = _graph_file(export, graph)
         if graph == "int8" and not onnx.is_file():
             raise LlmctlError(f"--graph int8: {path} has no {onnx.name}; write it with `llmctl export ... --quantize "
                               "int8`, or drop --graph to serve model.onnx.")
@@ -263,7 +263,7 @@ def _is_loopback(sock: socket.socket) -> bool:
 
 def _backend_label(info: ModelInfo, dtype: str) -> str:
     if info.backend == "onnxruntime":
-        return "onnxruntime int8" if info.graph is not None and info.graph.name.endswith(".int8.onnx") else "onnxruntime"
+        return "onnxruntime int8" if info.graph == ExportDir(info.path).onnx_int8 else "onnxruntime"
     return f"torch-{info.quantization}" if info.quantization else f"torch {dtype}"
 
 
