@@ -11,7 +11,7 @@ import functools
 import re
 import types
 from pathlib import Path
-from typing import Any, Iterator, Literal, Union, get_args, get_origin
+from typing import Any, Callable, Iterator, Literal, Union, get_args, get_origin
 
 import typer
 from typer._completion_classes import BashComplete, add_completion_class, click_split_arg_string
@@ -100,6 +100,16 @@ def complete_model_dir(incomplete: str) -> list[str]:
 def complete_model_or_export_dir(incomplete: str) -> list[str]:
     """Model dirs and export dirs (runs/<name>/model, out/*), then dirs to descend into."""
     return _artifact_dirs(incomplete, {"model", "export"})
+
+
+def choices(*values: str) -> Callable[[str], list[str]]:
+    """Completion for an option with a closed set of values, which llmctl itself validates (so its error
+    message, not a generic one, names what is allowed)."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [v for v in values if v.startswith(incomplete)]
+
+    return complete
 
 
 # --- recipe keys and values ------------------------------------------------------------------------------

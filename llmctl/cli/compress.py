@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import typer
 
-from llmctl.cli.completion import complete_model_dir, complete_recipe_file
+from llmctl.cli.completion import choices, complete_model_dir, complete_recipe_file
 from llmctl.cli.output import add_disturbed_caption, out_console, print_json, reporting_errors, say, timed
 
 EPILOG = (
@@ -39,16 +39,18 @@ def compress_cli(
     model_dir: Path = typer.Argument(..., help="Model dir to compress (runs/<name>/model).", autocompletion=complete_model_dir),
     output: Path = typer.Option(..., "--output", "-o", help="New model dir to write."),
     prune: Optional[float] = typer.Option(None, "--prune", help="Share to prune, 0 <= S < 1 (weights, or heads and channels if structured)."),
-    prune_method: Optional[Literal["global", "layer", "structured"]] = typer.Option(
+    prune_method: Optional[str] = typer.Option(
         None, "--prune-method", help="global or layer: zero the smallest weights (over all layers, or per layer); "
         "structured: remove whole heads and MLP channels (a smaller dense model).",
+        autocompletion=choices("global", "layer", "structured"),
     ),
     recover_steps: Optional[int] = typer.Option(None, "--recover-steps", help="Fine-tune this many steps after pruning."),
     recover_lr: Optional[float] = typer.Option(None, "--recover-lr", help="Learning rate of the recovery fine-tune (default train.lr / 10)."),
-    quantize: Optional[Literal["none", "int8", "int8-weight", "int4-weight"]] = typer.Option(
+    quantize: Optional[str] = typer.Option(
         None, "--quantize", help="int8: int8 matmuls, activations quantized at run time; pays on large matmuls (GPT-2-small "
         "shapes: 2-5x fp32 in BENCHMARKS.md), not on tiny ones (d_model 128: 0.7-1x). int8-weight, int4-weight: "
         "weight-only (smaller files; matmuls in bf16). Classifiers: int8.",
+        autocompletion=choices("none", "int8", "int8-weight", "int4-weight"),
     ),
     recipe: Optional[Path] = typer.Option(
         None, "--recipe", help="Take defaults from this recipe's compress section (else the model's own recipe's).",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import List, Optional
 
 import typer
 
-from llmctl.cli.completion import complete_model_or_export_dir
+from llmctl.cli.completion import choices, complete_model_or_export_dir
 from llmctl.cli.output import add_disturbed_caption, out_console, print_json, reporting_errors, say, say_always, timed
 from llmctl.errors import EXIT_GATE_FAILED, LlmctlError
 
@@ -27,7 +27,8 @@ def eval_cli(
         "a labelled CSV or JSONL file.",
     ),
     text: Optional[List[Path]] = typer.Option(None, "--text", help="Score these text/JSONL/CSV files (repeatable)."),
-    split: Literal["val", "train"] = typer.Option("val", "--split", help="Which split of the dataset dir."),
+    split: str = typer.Option("val", "--split", help="Which split of the dataset dir: val or train.",
+                              autocompletion=choices("val", "train")),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Score at most this many tokens (--compare: 65536 unless given)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Generate a continuation of this text (repeatable)."),

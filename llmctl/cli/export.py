@@ -4,11 +4,11 @@ verified at export (against PyTorch, or transformers against llmctl)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import typer
 
-from llmctl.cli.completion import complete_model_dir, complete_recipe_file
+from llmctl.cli.completion import choices, complete_model_dir, complete_recipe_file
 from llmctl.cli.output import out_console, print_json, reporting_errors, say, say_always
 from llmctl.errors import EXIT_GATE_FAILED, LlmctlError
 
@@ -30,16 +30,18 @@ def _onnx(options: Any) -> bool:
 def export_cli(
     model_dir: Path = typer.Argument(..., help="Model dir to export (runs/<name>/model, or a compressed one).", autocompletion=complete_model_dir),
     output: Path = typer.Option(..., "--output", "-o", help="Export dir to write."),
-    format: Optional[Literal["onnx", "hf"]] = typer.Option(
-        None, "--format", help="onnx: an ONNX graph; hf: a Hugging Face Llama dir transformers loads (default onnx)."
+    format: Optional[str] = typer.Option(
+        None, "--format", help="onnx: an ONNX graph; hf: a Hugging Face Llama dir transformers loads (default onnx).",
+        autocompletion=choices("onnx", "hf"),
     ),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17 or newer (default 17)."),
     atol: Optional[float] = typer.Option(
         None, "--atol", help="Largest |ONNX - PyTorch| (hf: |transformers - llmctl|) allowed; above it export exits 3 (default 1e-4)."
     ),
-    quantize: Optional[Literal["none", "int8"]] = typer.Option(
+    quantize: Optional[str] = typer.Option(
         None, "--quantize", help="int8: also write model.int8.onnx (ONNX Runtime dynamic int8; pays on large matmuls, "
         "not on tiny models); none: model.onnx only, whatever the recipe's export.quantize says.",
+        autocompletion=choices("none", "int8"),
     ),
     external_data_mb: Optional[float] = typer.Option(None, "--external-data-mb", help="Weights above this many MB go to model.onnx.data (default 2048)."),
     recipe: Optional[Path] = typer.Option(
@@ -56,6 +58,8 @@ def export_cli(
     """Export to ONNX (a decoder with past key/values, or a classifier), check it against PyTorch, optionally quantize
     to int8; or, with --format hf, to a Hugging Face model dir checked with transformers."""
     with reporting_errors(json_out):
+        if format not in (None, "onnx", "hf"):
+            raise LlmctlError(f"--format {format!r}: expected onnx or hf.")
         from llmctl.artifacts import check_output_dir, refuse_output_over_inputs
         from llmctl.cli.sections import inputs_of, resolve_section
         from llmctl.evaluation.profile import val_tokens_of

@@ -71,6 +71,8 @@ def open_storage(url: str, tune: TuneConfig) -> Any:
         if url.startswith(("postgresql:", "postgresql+")):
             return _open_under_advisory_lock(url, tune)
         return _rdb_storage(url, tune)
+    except LlmctlError:
+        raise
     except Exception as e:  # sqlalchemy raises many kinds; the URL is what is wrong
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LlmctlError(f"--storage {url}: cannot be opened ({first[:300]}).") from None
@@ -97,6 +99,8 @@ def _open_sqlite(path: Path, tune: TuneConfig) -> Any:
     """
     from filelock import FileLock
 
+    if not path.parent.is_dir():  # FileLock would create the missing directories
+        raise LlmctlError(f"--storage sqlite:///{path}: cannot be opened (no directory {path.parent}).")
     with FileLock(f"{path}.lock", timeout=300):
         if not path.is_file():
             for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a creator that died (we hold the lock)
