@@ -191,6 +191,8 @@ def _write_errno(error: BaseException, target: Path) -> int | None:
     if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
         return error.errno
     text = str(error)
+    if "database or disk is full" in text:  # SQLite's own words (the tune study's storage)
+        return errno.ENOSPC
     for code in _WRITE_ERRNOS:
         # Rust writers (safetensors, tokenizers) end with "(os error 28)"; shutil.Error lists "[Errno 28] ...".
         if f"os error {code})" in text or f"[Errno {code}]" in text or os.strerror(code) in text:

@@ -47,59 +47,64 @@ def tune_cli(
             raise LlmctlError(f"{recipe}: tune.space is empty; name the keys to search, e.g. train.lr: {{type: float, low: 1e-4, high: 1e-2, log: true}}.")
         sdir = StudyDir(study_dir or Path("runs") / resolved.name)
         sdir.path.mkdir(parents=True, exist_ok=True)
-        from llmctl.tuning.study import (
-            check_space,
-            count_finished,
-            fail_dead_trials,
-            open_storage,
-            open_study,
-            storage_url,
-            waiting_retries,
-            write_outputs,
-        )
+        from llmctl.artifacts import writing
+        from llmctl.tuning.study import check_space, open_storage, storage_url
 
         check_space(recipe, extra, resolved)
 
         url = storage_url(sdir, storage)
         storage = open_storage(url, resolved.tune)
-        study = open_study(resolved, storage)
-        dead = fail_dead_trials(study, storage)
-        if dead:
-            say(f"trial {', '.join(map(str, dead))}: its worker is gone; failed, and queued again with the same values")
-        slots = _slots(jobs)
+        with writing("the study storage", sdir.path, kept="The trials finished so far are kept in the study."):
+            _run_study(recipe, extra, resolved, sdir, url, storage, jobs, json_out)
 
-        from llmctl.cli.prepare import run_prepare
 
-        run_prepare(resolved)
-        done = count_finished(study)
-        retries = waiting_retries(study)
-        if done < resolved.tune.trials or retries:
-            again = f" (+{retries} retried)" if retries else ""
-            say(f"study {resolved.name}: {done} of {resolved.tune.trials} trials done{again}; running {jobs} at once -> {sdir.path}")
-            spec = {
-                "recipe": str(recipe.resolve()),
-                "overrides": extra,
-                "storage": url,
-                "study_dir": str(sdir.path.resolve()),
-                "trials": resolved.tune.trials,
-                "deadline": time.time() + resolved.tune.timeout_s if resolved.tune.timeout_s else None,
-                "cwd": os.getcwd(),
-                "parent_pid": os.getpid(),
-                "threads": slots[0]["threads"],
-            }
-            sdir.spec.write_text(json.dumps(spec, indent=2), encoding="utf-8")
-            interrupted = _run_workers(sdir, slots, study, resolved.tune.trials)
-        else:
-            interrupted = False
-            say(f"study {resolved.name}: all {resolved.tune.trials} trials are done (raise --trials to run more)")
-        summary = write_outputs(study, recipe, extra, resolved, sdir)
-        summary["study_dir"] = str(sdir.path)
-        summary["storage"] = url
-        _print_summary(summary, to_stdout=not json_out)
-        if json_out:
-            print_json(summary)
-        if interrupted:
-            raise typer.Exit(130)
+def _run_study(recipe: Path, extra: list[str], resolved: Any, sdir: Any, url: str, storage: Any, jobs: int,
+               json_out: bool) -> None:
+    """Fail dead workers' trials, run the workers until the study has its trials, write and print its outputs."""
+    from llmctl.errors import EXIT_FAILURE, LlmctlError
+    from llmctl.tuning.study import count_finished, fail_dead_trials, open_study, waiting_retries, write_outputs
+
+    study = open_study(resolved, storage)
+    dead = fail_dead_trials(study, storage)
+    if dead:
+        say(f"trial {', '.join(map(str, dead))}: its worker is gone; failed, and queued again with the same values")
+    slots = _slots(jobs)
+
+    from llmctl.cli.prepare import run_prepare
+
+    run_prepare(resolved)
+    done = count_finished(study)
+    retries = waiting_retries(study)
+    if done < resolved.tune.trials or retries:
+        again = f" (+{retries} retried)" if retries else ""
+        say(f"study {resolved.name}: {done} of {resolved.tune.trials} trials done{again}; running {jobs} at once -> {sdir.path}")
+        spec = {
+            "recipe": str(recipe.resolve()),
+            "overrides": extra,
+            "storage": url,
+            "study_dir": str(sdir.path.resolve()),
+            "trials": resolved.tune.trials,
+            "deadline": time.time() + resolved.tune.timeout_s if resolved.tune.timeout_s else None,
+            "cwd": os.getcwd(),
+            "parent_pid": os.getpid(),
+            "threads": slots[0]["threads"],
+        }
+        sdir.spec.write_text(json.dumps(spec, indent=2), encoding="utf-8")
+        interrupted, stops = _run_workers(sdir, slots, study, resolved.tune.trials)
+    else:
+        interrupted, stops = False, []
+        say(f"study {resolved.name}: all {resolved.tune.trials} trials are done (raise --trials to run more)")
+    summary = write_outputs(study, recipe, extra, resolved, sdir)
+    summary["study_dir"] = str(sdir.path)
+    summary["storage"] = url
+    _print_summary(summary, to_stdout=not json_out)
+    if stops:
+        first = stops[0]
+        raise LlmctlError(first["message"], kind=first.get("kind", "worker"), exit_code=EXIT_FAILURE)
+    if json_out:
+        print_json(summary)
+    if interrupted:
+        raise typer.Exit(130)
 
 
 def _slots(jobs: int) -> list[dict[str, Any]]:
@@ -119,21 +124,28 @@ def _slots(jobs: int) -> list[dict[str, Any]]:
     return [{"gpu": None, "threads": max(1, usable_cpus() // jobs)} for _ in range(jobs)]
 
 
-def _run_workers(sdir, slots: list[dict[str, Any]], study: Any, trials: int) -> bool:
-    """Start the workers, draw the live table until they end; True if interrupted (Ctrl-C)."""
-    workers = []
+def _run_workers(sdir, slots: list[dict[str, Any]], study: Any, trials: int) -> tuple[bool, list[dict[str, Any]]]:
+    """Start the workers, draw the live table until they end; whether it was interrupted (Ctrl-C), and the
+    reasons workers gave for stopping early (a full disk: `{"message", "kind"}` each)."""
+    from llmctl.tuning.worker import REPORT_FD_ENV
+
+    workers, pipes = [], []
     for slot, assign in enumerate(slots):
-        env = {**os.environ, "OMP_NUM_THREADS": str(assign["threads"])}
+        read_end, write_end = os.pipe()
+        env = {**os.environ, "OMP_NUM_THREADS": str(assign["threads"]), REPORT_FD_ENV: str(write_end)}
         if assign["gpu"] is not None:
             env["CUDA_VISIBLE_DEVICES"] = assign["gpu"]
-        workers.append(subprocess.Popen([sys.executable, "-m", "llmctl.tuning.worker", str(sdir.spec), str(slot)], env=env))
+        workers.append(subprocess.Popen([sys.executable, "-m", "llmctl.tuning.worker", str(sdir.spec), str(slot)],
+                                        env=env, pass_fds=(write_end,)))
+        os.close(write_end)
+        pipes.append(read_end)
     table = _LiveTrials(study, trials)
     try:
         while any(w.poll() is None for w in workers):
             table.refresh()
             time.sleep(1.0)
         table.refresh()
-        return False
+        return False, _stop_reasons(pipes)
     except KeyboardInterrupt:
         for w in workers:
             if w.poll() is None:
@@ -144,9 +156,24 @@ def _run_workers(sdir, slots: list[dict[str, Any]], study: Any, trials: int) -> 
             except subprocess.TimeoutExpired:
                 w.kill()
         say("[yellow]interrupted[/]: run the same command again to continue the study")
-        return True
+        return True, []
     finally:
         table.close()
+        for fd in pipes:
+            os.close(fd)
+
+
+def _stop_reasons(pipes: list[int]) -> list[dict[str, Any]]:
+    """What each finished worker wrote to its report pipe: one JSON line if it stopped early, else nothing."""
+    reasons = []
+    for fd in pipes:
+        with os.fdopen(os.dup(fd), "rb") as pipe:
+            for line in pipe.read().decode("utf-8", errors="replace").splitlines():
+                try:
+                    reasons.append(json.loads(line))
+                except ValueError:
+                    continue
+    return reasons
 
 
 class _LiveTrials:
@@ -161,6 +188,7 @@ class _LiveTrials:
         self.finished_before = count_finished(study)
         self.started = time.monotonic()
         self.reported: set[int] = set()
+        self.shown = 0  # finished trials (those that count towards the total) among the reported
         self.live = None
         if interactive():
             from rich.live import Live
@@ -174,13 +202,14 @@ class _LiveTrials:
         rows = trial_rows(self.study)
         if self.live is not None:
             table = trials_table(rows)
-            table.caption = self._where(sum(r["state"] not in ("running", "waiting") for r in rows))
+            table.caption = self._where(sum(r["counts"] for r in rows))
             self.live.update(table)
             return
         for r in rows:
             if r["state"] not in ("running", "waiting") and r["number"] not in self.reported:
                 self.reported.add(r["number"])
-                err_console.print(f"{_trial_line(r)}  [dim]({self._where(len(self.reported))})[/]")
+                self.shown += r["counts"]
+                err_console.print(f"{_trial_line(r)}  [dim]({self._where(self.shown)})[/]")
 
     def _where(self, finished: int) -> str:
         """'4/10 trials, eta 1m20s': the ETA at the pace of the trials finished since this run began."""

@@ -285,6 +285,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
                 "last_reported_step": last_step,
                 "duration_s": duration,
                 "reason": t.user_attrs.get("fail_reason", "") or _retry_note(t),
+                "counts": finished(t),
                 "run_dir": t.user_attrs.get("run_dir", ""),
             }
         )
@@ -296,7 +297,7 @@ def _retry_note(trial: Any) -> str:
     from optuna.trial import TrialState
 
     if trial.state == TrialState.FAIL:
-        return "its worker died; retried"
+        return "stopped by its worker's death or a machine fault; retried"
     if "failed_trial" in trial.system_attrs:
         return f"retry of trial {trial.system_attrs['failed_trial']}"
     return ""

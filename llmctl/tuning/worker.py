@@ -26,6 +26,21 @@ class TuneParentGone(BaseException):
     """
 
 
+class MachineFailure(BaseException):
+    """A trial stopped by the machine, not by its values (a full disk, a refused permission): the worker
+    gives the trial back to be retried with the same values and stops, reporting `error` to `llmctl tune`."""
+
+    def __init__(self, error: LlmctlError):
+        super().__init__(error.message)
+        self.error = error
+
+
+# `llmctl tune` hands each worker the write end of a pipe (its number in this variable) for the one-line
+# reason it stopped: a pipe, because the reason may be that the disk is full.
+REPORT_FD_ENV = "LLMCTL_TUNE_REPORT_FD"
+MACHINE_KINDS = ("disk_full", "not_writable")
+
+
 def suggest_overrides(trial: Any, space: dict[str, Any]) -> list[str]:
     """Sample every key of the space on `trial`; return them as section.key=value overrides."""
     out = []
@@ -97,6 +112,8 @@ def run_trial(trial: Any, spec: dict[str, Any]) -> float:
             return _run_launched_trial(trial, spec, base, [*spec["overrides"], *budget, *overrides], run_dir)
         train(recipe, run_dir, overwrite=True, callbacks=reporter)
     except LlmctlError as e:
+        if e.kind in MACHINE_KINDS:
+            raise MachineFailure(_for_the_study(e, trial.number)) from None
         trial.set_user_attr("fail_reason", e.message)
         raise
     except Exception as e:
@@ -125,18 +142,21 @@ def _run_launched_trial(trial: Any, spec: dict[str, Any], base: Any, overrides: 
         "max_steps": base.tune.max_steps or base.train.max_steps,
     }
     cmd = [sys.executable, "-m", "llmctl", "train", spec["recipe"], *overrides, "--run-dir", str(run_dir),
-           "--overwrite", "--nproc", str(base.tune.nproc_per_trial)]
-    child = subprocess.Popen(cmd, env={**os.environ, TRIAL_ENV: json.dumps(context)}, stdout=subprocess.DEVNULL,
+           "--overwrite", "--nproc", str(base.tune.nproc_per_trial), "--json"]
+    child = subprocess.Popen(cmd, env={**os.environ, TRIAL_ENV: json.dumps(context)}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     while True:
         try:
-            _, err = child.communicate(timeout=1.0)
+            out, err = child.communicate(timeout=1.0)
             break
         except subprocess.TimeoutExpired:
             if os.getppid() != spec["parent_pid"]:
                 os.killpg(child.pid, 9)
                 raise TuneParentGone() from None
     if child.returncode != 0:
+        reported = _json_error(out)
+        if reported is not None:
+            raise LlmctlError(reported["message"], kind=reported.get("kind", "bad_input"), exit_code=child.returncode)
         lines = [line for line in (err or "").splitlines() if line.strip()]
         said = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
         raise LlmctlError(said[0] if said else f"llmctl train --nproc exited {child.returncode}: {lines[-1] if lines else ''}")
@@ -150,6 +170,27 @@ def _run_launched_trial(trial: Any, spec: dict[str, Any], base: Any, overrides: 
     return min(values, key=lambda v: sign * v)
 
 
+def _for_the_study(error: LlmctlError, number: int) -> LlmctlError:
+    """A trial's write failure, with what to do said for the study rather than for a lone train run."""
+    from llmctl.artifacts import WriteFailed
+
+    again = (f"{error.fix[0].upper()}{error.fix[1:]}, then run the same `llmctl tune` command again: the finished "
+             f"trials are kept and trial {number} runs again with the same values.")
+    if isinstance(error, WriteFailed):
+        return WriteFailed(error.problem, kept="", remedy=again, fix=error.fix, kind=error.kind)
+    return error
+
+
+def _json_error(stdout: str | None) -> dict[str, Any] | None:
+    """The `{"error": {...}}` object `llmctl train --json` printed, if it printed one."""
+    try:
+        obj = json.loads(stdout or "")
+    except ValueError:
+        return None
+    error = obj.get("error") if isinstance(obj, dict) else None
+    return error if isinstance(error, dict) and isinstance(error.get("message"), str) else None
+
+
 def _threads() -> int:
     import torch
 
@@ -157,16 +198,29 @@ def _threads() -> int:
 
 
 def work(spec_path: Path, slot: int) -> int:
+    """Run trials until the study has enough; 0 when it has, 1 when this worker had to stop."""
     spec = {**json.loads(Path(spec_path).read_text(encoding="utf-8")), "slot": slot}
     os.chdir(spec["cwd"])
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from llmctl.artifacts import writing
     from llmctl.config.loader import load_recipe
-    from llmctl.tuning.study import count_finished, fail_dead_trials, open_storage, open_study, waiting_retries
+    from llmctl.tuning.study import open_storage
 
     recipe = load_recipe(spec["recipe"], spec["overrides"])
     storage = open_storage(spec["storage"], recipe.tune)
+    try:
+        with writing("the study storage", Path(spec["study_dir"])):
+            return _run_trials(spec, slot, recipe, storage)
+    except LlmctlError as e:  # the storage could not be written: nothing can be given back through it
+        _report_stop(e)
+        return 1
+
+
+def _run_trials(spec: dict[str, Any], slot: int, recipe: Any, storage: Any) -> int:
+    from llmctl.tuning.study import count_finished, fail_dead_trials, open_study, waiting_retries
+
     study = open_study(recipe, storage, seed_offset=1000 * slot + len(study_trials(storage, recipe.name)))
     deadline = spec.get("deadline")
     while count_finished(study) < spec["trials"] or waiting_retries(study):
@@ -180,7 +234,24 @@ def work(spec_path: Path, slot: int) -> int:
         except TuneParentGone:
             fail_dead_trials(study, storage, only_pid=os.getpid())
             return 1
+        except MachineFailure as stop:
+            fail_dead_trials(study, storage, only_pid=os.getpid())
+            _report_stop(stop.error)
+            return 1
     return 0
+
+
+def _report_stop(error: LlmctlError) -> None:
+    """Tell `llmctl tune` why this worker stopped (through its pipe; on stderr when run by hand)."""
+    message = json.dumps({"message": error.message, "kind": error.kind}) + "\n"
+    fd = os.environ.get(REPORT_FD_ENV)
+    if fd is None:
+        print(f"error: {error.message}", file=sys.stderr)
+        return
+    try:
+        os.write(int(fd), message.encode("utf-8"))
+    except OSError:
+        print(f"error: {error.message}", file=sys.stderr)
 
 
 def study_trials(storage: Any, name: str) -> list[Any]:

@@ -160,7 +160,7 @@ def test_a_trial_left_running_by_a_dead_worker_is_failed_and_rerun_even_once_the
     summary = json.loads(out.stdout)
     assert summary["trials"]["running"] == 0 and summary["trials"]["waiting"] == 0
     rows = (workdir / "runs/tune/trials.csv").read_text().splitlines()
-    assert any(row.startswith(f"{orphan.number},fail,") and "its worker died; retried" in row for row in rows)
+    assert any(row.startswith(f"{orphan.number},fail,") and "retried" in row for row in rows)
 
 
 @pytest.mark.parametrize(
@@ -215,3 +215,37 @@ def test_two_process_trials_report_from_rank_0_and_prune_together(tune_dir: Path
     for t in trials:
         run = Path(t.user_attrs["run_dir"])
         assert (run / "recipe.yaml").is_file()
+
+
+@pytest.fixture
+def small_disk(workdir: Path):
+    """A 1.5 MiB tmpfs inside the work dir: a study on it runs out of space during its trials."""
+    mount_point = workdir / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_stops_the_study_in_one_line_and_a_rerun_continues_it(workdir: Path, small_disk: Path) -> None:
+    (workdir / "tune.yaml").write_text(TUNE.format(trials=6).replace("pruner_startup_trials: 2", "pruner_startup_trials: 10"))
+    study_dir = small_disk / "study"
+    proc = run_cli(workdir, "tune", "tune.yaml", "--study-dir", str(study_dir), "--json", check=False, timeout=600)
+    assert_clean_failure(proc, 1, "no space left on device", "run the same `llmctl tune` command again")
+    error = json.loads(proc.stdout)["error"]
+    assert error["kind"] == "disk_full" and "\n" not in error["message"]
+    study = optuna.load_study(study_name="tune", storage=f"sqlite:///{study_dir / 'study.db'}")
+    given_back = [t for t in study.get_trials() if t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs]
+    assert given_back, "the trial the full disk stopped was not given back"
+    assert not any(t.state == TrialState.RUNNING for t in study.get_trials())
+    assert not list(study_dir.rglob("*.tmp")), "a partial write was left on the full disk"
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    out = run_cli(workdir, "tune", "tune.yaml", "--study-dir", str(study_dir), "--json", timeout=600)
+    trials = optuna.load_study(study_name="tune", storage=f"sqlite:///{study_dir / 'study.db'}").get_trials()
+    retried = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+    assert {t.number for t in given_back} <= retried
+    assert json.loads(out.stdout)["trials"]["running"] == 0
