@@ -239,7 +239,7 @@ def _failure(code: int, error: BaseException, what: str, target: Path, *, kept: 
     named = f" ({Path(file).name})" if file and Path(file).name not in (Path(target).name, "") else ""
     problem = f"cannot write {what}{named}: {cause}"
     if code in _SPACE_ERRNOS:
-        from llmctl.training.memory import human_bytes
+        from llmctl.units import human_bytes
 
         now = free_bytes(target)
         if free_before is not None and now is not None and now != free_before:

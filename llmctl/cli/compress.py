@@ -136,7 +136,7 @@ def speed_change(ratio: float | None) -> str:
 
 
 def classifier_report_table(report: dict[str, Any]) -> Any:
-    from llmctl.training.memory import human_bytes
+    from llmctl.units import human_bytes
 
     b, a = report["before"], report["after"]
     table = _table(report)
@@ -160,7 +160,7 @@ def classifier_report_table(report: dict[str, Any]) -> Any:
 
 
 def report_table(report: dict[str, Any]) -> Any:
-    from llmctl.training.memory import human_bytes
+    from llmctl.units import human_bytes
 
     b, a = report["before"], report["after"]
     table = _table(report)

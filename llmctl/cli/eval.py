@@ -237,7 +237,7 @@ def run_classifier_compare(paths: list[Path], data: Path | None) -> dict:
 def classifier_compare_table(report: dict):
     from rich.table import Table
 
-    from llmctl.training.memory import human_bytes
+    from llmctl.units import human_bytes
 
     table = Table(title=f"on {report['source']}, {report['examples']:,} texts", header_style="bold", box=None,
                   title_justify="left")
@@ -329,7 +329,7 @@ def run_compare(paths: list[Path], data: Path | None, text: list[Path], split: s
 def compare_table(report: dict):
     from rich.table import Table
 
-    from llmctl.training.memory import human_bytes
+    from llmctl.units import human_bytes
 
     table = Table(title=f"on {report['source']}, {report['tokens']:,} tokens", header_style="bold", box=None, title_justify="left")
     table.add_column("model", overflow="fold")

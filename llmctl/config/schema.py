@@ -299,7 +299,7 @@ class TrainConfig(_Section):
     @classmethod
     def _memory_readable(cls, v: str | int | None) -> str | int | None:
         if v is not None:
-            from llmctl.training.memory import parse_memory
+            from llmctl.units import parse_memory
 
             try:
                 parse_memory(v)

@@ -94,7 +94,7 @@ def load_hf_dir(path: Path) -> LoadedModel:
     from llmctl.artifacts import read_json_artifact
     from llmctl.models.hf import HFModelDir, gpt_fields_from_hf, read_hf_config
     from llmctl.models.registry import build_model
-    from llmctl.training.init_from import load_weights_into
+    from llmctl.models.init_from import load_weights_into
 
     layout = HFModelDir(Path(path))
     hf_config = read_hf_config(layout.path)

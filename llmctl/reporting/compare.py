@@ -81,7 +81,7 @@ def compare_facts(report: dict[str, Any], *, classifier: bool) -> list[tuple[str
 
 
 def _table(report: dict[str, Any], *, classifier: bool) -> Table:
-    from llmctl.training.memory import human_bytes
+    from llmctl.units import human_bytes
 
     def num(value: Any, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)

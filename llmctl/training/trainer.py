@@ -233,7 +233,8 @@ def resolve_micro_batch(recipe: Recipe, processes: int, device: str, vocab_size:
 
     `vocab_size` is the dataset tokenizer's, used when the recipe leaves model.vocab_size null.
     """
-    from llmctl.training.memory import choose_micro_batch, estimate_memory, free_device_memory, parse_memory
+    from llmctl.training.memory import choose_micro_batch, estimate_memory, free_device_memory
+    from llmctl.units import parse_memory
 
     cfg = recipe.train
     if recipe.data.task == "classification":  # the memory model covers the gpt decoder only
@@ -370,7 +371,7 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool, call
     model = build_model(model_config)
     # A LoRA checkpoint holds the adapters alone: the frozen base comes from init_from on resume too.
     if recipe.model.init_from and (not resume_from or cfg.lora):
-        from llmctl.training.init_from import load_weights_into
+        from llmctl.models.init_from import load_weights_into
 
         load_weights_into(model, Path(recipe.model.init_from))
     adapters: list[str] = []
@@ -404,7 +405,7 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool, call
         adapter_keys = {k for k in model.state_dict() if is_adapter_key(k)}
     batches = task.batches(cfg.batch_size, recipe.run.seed)
     if cfg.max_memory is not None and device.type == "cuda":
-        from llmctl.training.memory import parse_memory
+        from llmctl.units import parse_memory
 
         _cap_cuda_memory(device, parse_memory(cfg.max_memory))
     if cfg.micro_batch_size == "auto" and device.type == "cuda" and task.kind == "lm":

@@ -64,7 +64,7 @@ def test_a_gpt_classifier_starts_from_a_language_models_backbone_and_keeps_its_o
     from llmctl.data.tokenizer import train_tokenizer
     from llmctl.models.model_dir import save_model_dir
     from llmctl.models.registry import build_model
-    from llmctl.training.init_from import load_weights_into
+    from llmctl.models.init_from import load_weights_into
 
     shape = {"family": "gpt", "vocab_size": 300, "n_layer": 1, "n_head": 2, "d_model": 16, "context_length": 16}
     tokenizer = train_tokenizer(["a b c d e f g"] * 5, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])

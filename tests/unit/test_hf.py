@@ -26,7 +26,7 @@ from llmctl.models.hf import (
     resolve_hf_dir,
 )
 from llmctl.models.model_dir import LoadedModel, load_model_dir, save_model_dir
-from llmctl.training.init_from import load_weights_into
+from llmctl.models.init_from import load_weights_into
 from tests.conftest import TINY_MODEL, generated_text
 
 transformers = pytest.importorskip("transformers")

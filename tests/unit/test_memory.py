@@ -17,8 +17,8 @@ from llmctl.training.memory import (
     count_parameters,
     estimate_memory,
     free_device_memory,
-    parse_memory,
 )
+from llmctl.units import parse_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
