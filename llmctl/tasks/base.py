@@ -1,0 +1,78 @@
+"""What a task is: the part of every stage that differs between language modelling, classification and
+instruction tuning, behind one interface the stages call.
+
+A task is a package under `llmctl/tasks/` with one module per stage it shapes. The stages (prepare, train,
+eval, compress, export, serve, report) ask the registry for the task (`task_named(recipe.data.task)`, or
+`task_of(dir)` from the `task` key every artifact records) and call the stage module's functions; they
+never ask "is this a classifier". A task may reuse another's module for a stage where they do not differ
+(an instruction-tuned model is evaluated, exported and served as a language model).
+
+Stage modules are imported when first asked for, so naming a task costs nothing (they import torch).
+What each stage module provides is its protocol below; the shared skeletons they call (building a
+dataset dir, tracing an ONNX graph, opening an ORT session, saving a compressed dir) live in neutral
+modules of the stage's own package, never in another task's module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Mapping
+
+STAGES = ("data", "training", "evaluation", "compression", "export", "serving", "reporting")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: its name (the recipe's `data.task` and every artifact's `task` key), a line saying what it
+    is, and the module of each stage (`stage -> dotted module path`)."""
+
+    name: str
+    summary: str
+    modules: Mapping[str, str] = field(default_factory=dict)
+
+    def stage(self, stage: str) -> ModuleType:
+        """The module of `stage` (one of STAGES) for this task, imported now."""
+        if stage not in self.modules:
+            from llmctl.errors import LlmctlError
+
+            raise LlmctlError(f"the {self.name} task has no {stage} stage.")
+        return importlib.import_module(self.modules[stage])
+
+    @property
+    def data(self) -> ModuleType:
+        """`prepare(data, out_dir, *, seed, force, on_progress, init_from) -> PrepareResult` writes the
+        dataset dir; `open_dataset(path)` reads one back; `summary(meta) -> dict` is what `prepare` prints."""
+        return self.stage("data")
+
+    @property
+    def training(self) -> ModuleType:
+        """`TrainingData(recipe)`: the trainer's view of the dataset (model config, batches, the loss of a
+        micro-batch, the evaluator of the val split, what "tokens" means in the logs)."""
+        return self.stage("training")
+
+    @property
+    def evaluation(self) -> ModuleType:
+        """`evaluate(request) -> report` scores one model; `compare(request) -> report` profiles several."""
+        return self.stage("evaluation")
+
+    @property
+    def compression(self) -> ModuleType:
+        """`compress(loaded, options, ...) -> report`: prune and quantize a model dir of this task."""
+        return self.stage("compression")
+
+    @property
+    def export(self) -> ModuleType:
+        """`export_onnx(loaded, out_dir, ...) -> report`: the ONNX graph, its wrapper and its parity check."""
+        return self.stage("export")
+
+    @property
+    def serving(self) -> ModuleType:
+        """`runner(loaded, options)` and `router(state)`: the model's runner and the HTTP routes it answers."""
+        return self.stage("serving")
+
+    @property
+    def reporting(self) -> ModuleType:
+        """`panels(...)`: the figures and plots `llmctl report` shows for a run of this task."""
+        return self.stage("reporting")
