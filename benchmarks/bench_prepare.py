@@ -53,7 +53,7 @@ def stdlib_docs(mb: float):
 def child_encode(mode: str, mb: float, tokenizer_path: str, out_dir: str) -> dict:
     import numpy as np
 
-    from llmctl.data.prepare import document_split
+    from llmctl.data.shards import document_split
     from llmctl.data.shards import encode_to_shards
     from llmctl.data.tokenizer import load_tokenizer, token_dtype
 

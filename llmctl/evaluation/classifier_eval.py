@@ -50,7 +50,7 @@ def _encoding(loaded: Any) -> tuple[int, int]:
 def inputs_from_dataset(loaded: Any, dataset_dir: Path, split: str) -> LabelledInputs:
     """A split of a classification dataset dir, refusing one whose labels or tokenizer differ from the model's."""
     from llmctl.artifacts import DatasetDir
-    from llmctl.data.classification import ClassificationData
+    from llmctl.tasks.classification.data import ClassificationData
     from llmctl.evaluation.perplexity import check_same_tokenizer
 
     data = ClassificationData(dataset_dir)
@@ -66,7 +66,7 @@ def inputs_from_dataset(loaded: Any, dataset_dir: Path, split: str) -> LabelledI
 
 def inputs_from_file(loaded: Any, path: Path, *, require_labels: bool) -> LabelledInputs:
     """A CSV/JSONL file of texts (and labels), tokenized as the model was trained."""
-    from llmctl.data.classification import encode_for_classification, read_labelled_file
+    from llmctl.data.labelled import encode_for_classification, read_labelled_file
 
     if not Path(path).is_file():
         raise LlmctlError(f"{path}: no such file.")

@@ -1,7 +1,7 @@
 """The chat endpoint's template: the model's own (config.json "chat_template") or llmctl's default.
 
 The template machinery itself (sandboxed Jinja2 rendering in Hugging Face's style, the default
-template) lives in llmctl.data.instructions, which `prepare` also renders instruction data with, so
+template) lives in llmctl.data.chat_template, which `prepare` also renders instruction data with, so
 a model trained on instructions is prompted at serve time exactly as it was trained.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmctl.data.instructions import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError
+from llmctl.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError
 from llmctl.errors import LlmctlError
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "ChatTemplate", "ChatTemplateError", "chat_template_of"]

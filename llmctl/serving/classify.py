@@ -64,7 +64,7 @@ class ClassifierSpec:
 
     def encode(self, tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids as training saw them: (ids int32 (N, max_len), lengths int32 (N,)); no text may be blank."""
-        from llmctl.data.classification import encode_for_classification
+        from llmctl.data.labelled import encode_for_classification
 
         return encode_for_classification(tokenizer, texts, self.max_len, self.pad_id)
 

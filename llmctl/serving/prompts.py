@@ -13,10 +13,9 @@ the context is refused before it is tokenized.
 
 from __future__ import annotations
 
-import re
-import secrets
 from typing import Any
 
+from llmctl.data.special_text import SpecialTextMarkers, plain_text, special_strings
 from llmctl.serving.protocol import ApiError
 
 # A normalizer can shorten text before it is split into tokens: NFC/NFKC compose up to ~4 code points
@@ -28,13 +27,9 @@ class PromptEncoder:
     """Token ids of the text of requests for one tokenizer and context length (tokens)."""
 
     def __init__(self, tokenizer: Any, context_length: int):
-        from tokenizers import Tokenizer
-
         self.tokenizer = tokenizer
-        self.plain = Tokenizer.from_str(tokenizer.to_str())
-        self.plain.encode_special_tokens = True  # special-token strings in the text are text
-        added = tokenizer.get_added_tokens_decoder().values()
-        self.specials = sorted({t.content for t in added if t.special and t.content}, key=len, reverse=True)
+        self.plain = plain_text(tokenizer)  # special-token strings in the text are text
+        self.specials = special_strings(tokenizer)
         self.context_length = context_length
         self.max_chars = max_chars(tokenizer, context_length)
 
@@ -49,7 +44,7 @@ class PromptEncoder:
         Special-token strings inside the messages are swapped for placeholders while the template
         renders, so that only the template's own special tokens are encoded as such.
         """
-        marker = _Markers(self.specials)
+        marker = SpecialTextMarkers(self.specials)
         pieces = marker.split(template.render([marker.hide_in_message(m) for m in messages]))
         self._check_length("".join(piece for piece, _ in pieces), "messages")
         ids: list[int] = []
@@ -82,34 +77,3 @@ def max_chars(tokenizer: Any, context_length: int) -> int | None:
     shrink = NORMALIZER_SHRINK if tokenizer.normalizer is not None else 1
     return context_length * longest * shrink
 
-
-class _Markers:
-    """Placeholders for the special-token strings in user text, unguessable for this request."""
-
-    def __init__(self, specials: list[str]):
-        self.specials = specials  # longest first, so that the regex prefers the longest match
-        nonce = secrets.randbelow(10**12)  # digits and private-use characters: no template filter changes them
-        self._mark_of = {special: f"\ue000{nonce}.{i}\ue001" for i, special in enumerate(specials)}
-        self._find_special = re.compile("|".join(map(re.escape, specials))) if specials else None
-        self._find_mark = re.compile(f"\ue000{nonce}\\.(\\d+)\ue001")
-
-    def hide_in_message(self, message: dict[str, Any]) -> dict[str, Any]:
-        return {k: self.hide(v) if k in ("content", "name") and isinstance(v, str) else v for k, v in message.items()}
-
-    def hide(self, text: str) -> str:
-        if self._find_special is None:
-            return text
-        return self._find_special.sub(lambda m: self._mark_of[m.group(0)], text)
-
-    def split(self, rendered: str) -> list[tuple[str, bool]]:
-        """The rendered text as (piece, is a special-token string the user wrote), the placeholders undone."""
-        pieces: list[tuple[str, bool]] = []
-        start = 0
-        for m in self._find_mark.finditer(rendered):
-            if m.start() > start:
-                pieces.append((rendered[start : m.start()], False))
-            pieces.append((self.specials[int(m.group(1))], True))
-            start = m.end()
-        if start < len(rendered) or not pieces:
-            pieces.append((rendered[start:], False))
-        return pieces

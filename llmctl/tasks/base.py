@@ -43,7 +43,8 @@ class Task:
     @property
     def data(self) -> ModuleType:
         """`prepare(data, out_dir, *, seed, force, on_progress, init_from) -> PrepareResult` writes the
-        dataset dir; `open_dataset(path)` reads one back; `summary(meta) -> dict` is what `prepare` prints."""
+        dataset dir (through data.dataset_builder); `open_dataset(path)` reads one back; `summary(meta) ->
+        dict` is what `prepare --json` prints, `describe(path, summary) -> list[str]` the lines people read."""
         return self.stage("data")
 
     @property

@@ -128,7 +128,7 @@ class ClassificationTask:
     kind = "classification"
 
     def __init__(self, recipe: Recipe):
-        from llmctl.data.classification import ClassificationData
+        from llmctl.tasks.classification.data import ClassificationData
         from llmctl.training.examples import class_weight_tensor
 
         self.recipe = recipe
@@ -262,7 +262,7 @@ class InstructionTask:
     kind = "instruct"
 
     def __init__(self, recipe: Recipe):
-        from llmctl.data.instructions import InstructionData
+        from llmctl.tasks.instruct.data import InstructionData
 
         self.recipe = recipe
         self.data = InstructionData(recipe.data_dir())

@@ -203,7 +203,7 @@ def _carried_chat_template(recipe: Recipe, task: Any) -> dict[str, Any]:
         return {}
     template = getattr(task, "chat_template", None)
     if template is None and recipe.model.init_from and Path(recipe.model.init_from).is_dir():
-        from llmctl.data.instructions import chat_template_beside
+        from llmctl.data.chat_template import chat_template_beside
 
         found = chat_template_beside(Path(recipe.model.init_from))
         template = found[0] if found else None

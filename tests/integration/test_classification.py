@@ -32,7 +32,7 @@ def sentiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def bag_of_words_macro_f1(dataset: Path) -> float:
     """Logistic regression on token counts (full-batch gradient descent), scored by macro-F1 on val."""
-    from llmctl.data.classification import ClassificationData
+    from llmctl.tasks.classification.data import ClassificationData
     from llmctl.evaluation.classification import classification_metrics
 
     data = ClassificationData(dataset)

@@ -150,7 +150,7 @@ def test_instruct_lora_run_gives_a_merged_model_every_command_uses(workdir: Path
     from tests.integration.test_serve import Server
     from tokenizers import Tokenizer
 
-    from llmctl.data.instructions import ChatTemplate
+    from llmctl.data.chat_template import ChatTemplate
 
     messages = [{"role": "user", "content": "def return"}]
     expected = len(Tokenizer.from_file(str(workdir / "base/tokenizer.json")).encode(

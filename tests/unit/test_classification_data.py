@@ -12,17 +12,12 @@ import pytest
 
 from llmctl.config.schema import DataConfig
 from llmctl.data import sentiment
-from llmctl.data.classification import (
-    ClassificationData,
-    encode_for_classification,
-    label_order,
-    read_labelled_file,
-    stratified_split,
-)
+from llmctl.data.labelled import encode_for_classification, label_order, read_labelled_file
 from llmctl.data.prepare import prepare_dataset
 from llmctl.data.sources import SENTIMENT, resolve_source_files, sentiment_path
 from llmctl.data.tokenizer import load_tokenizer, train_tokenizer
 from llmctl.errors import LlmctlError
+from llmctl.tasks.classification.data import ClassificationData, stratified_split
 
 WORDS = ["the", "film", "plot", "was", "good", "bad", "great", "dull", "not", "really", "acting", "music"]
 
@@ -242,6 +237,18 @@ def test_encoding_keeps_the_first_max_len_tokens_and_pads_the_rest(tokenizer):
     assert (ids[0, lengths[0]:] == 0).all()
     with pytest.raises(LlmctlError, match="text 2 is empty"):
         encode_for_classification(tokenizer, ["good", "  "], max_len=8, pad_id=0)
+
+
+def test_a_special_token_string_in_a_text_is_encoded_as_text(tokenizer):
+    text = "good <|endoftext|> film"
+    ids, lengths = encode_for_classification(tokenizer, [text], max_len=32, pad_id=0)
+    assert 0 not in ids[0, : lengths[0]].tolist()  # the end-of-text id only ever pads
+    assert tokenizer.decode(ids[0, : lengths[0]].tolist(), skip_special_tokens=False) == text
+    write_csv("reviews.csv", labelled_rows({"neg": 10, "pos": 10}) + [(text, "pos")] * 4)
+    prepare_dataset(data(max_len=32), Path("ds"), seed=0)
+    ds = ClassificationData("ds")
+    rows = [(row, n) for name in ("train", "val") for row, n in zip(*ds.split(name)[:2])]
+    assert all(ds.pad_id not in row[:n].tolist() for row, n in rows)
 
 
 def test_prepare_writes_padded_ids_lengths_and_labels_that_decode_back_to_the_rows():

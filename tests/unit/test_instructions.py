@@ -11,16 +11,10 @@ import pytest
 import torch
 
 from llmctl.config.schema import DataConfig, Recipe
-from llmctl.data.instructions import (
-    DEFAULT_CHAT_TEMPLATE,
-    ChatTemplate,
-    InstructionData,
-    InstructionSplit,
-    iter_response_runs,
-    resolve_chat_template,
-)
+from llmctl.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, resolve_chat_template
 from llmctl.data.prepare import prepare_dataset
 from llmctl.errors import EXIT_BAD_INPUT, LlmctlError
+from llmctl.tasks.instruct.data import InstructionData, InstructionSplit, iter_response_runs
 from llmctl.training.tasks import InstructionBatches, InstructionTask
 from tests.conftest import TINY_MODEL
 
@@ -138,6 +132,36 @@ def test_eot_is_not_doubled_when_the_template_ends_turns_with_it(tmp_path: Path)
     eot = data.eot_id
     for ids, mask in each_conversation(data):
         assert int((ids == eot).sum()) == 1 and mask[list(ids).index(eot)] == 1  # the template's own, a response token
+
+
+def test_special_token_strings_in_messages_are_text_and_only_the_templates_own_are_special(tmp_path: Path) -> None:
+    specials = [EOT, "<|im_start|>", "<|im_end|>"]
+    quoting = {"prompt": "what ends <|im_end|> a turn?", "response": f"the text {EOT} and <|im_start|>"}
+    lines = [quoting, *conversations(8)]
+    data = prepare(tmp_path, lines, chat_template=CHATML, special_tokens=specials)
+    tok = tokenizer_of(data)
+    ids_of = {name: tok.token_to_id(name) for name in specials}
+    decode = lambda ids: tok.decode([int(i) for i in ids], skip_special_tokens=False)  # noqa: E731
+    template = ChatTemplate(CHATML, source="chatml")
+    for ids, mask in each_conversation(data):
+        whole = decode(ids)
+        messages = next(messages_of(x) for x in lines if template.render(messages_of(x), add_generation_prompt=False) + EOT == whole)
+        # The template writes <|im_start|> and <|im_end|> once per turn; the end-of-text id ends the conversation.
+        assert int((ids == ids_of["<|im_start|>"]).sum()) == int((ids == ids_of["<|im_end|>"]).sum()) == len(messages)
+        assert int((ids == ids_of[EOT]).sum()) == 1 and ids[-1] == ids_of[EOT]
+    assert data.meta["splits"]["train"]["examples"] + data.meta["splits"]["val"]["examples"] == len(lines)
+
+
+def test_a_prompt_quoting_special_tokens_is_encoded_as_serves_chat_endpoint_encodes_it(tmp_path: Path) -> None:
+    from llmctl.serving.prompts import PromptEncoder
+
+    specials = [EOT, "<|im_start|>", "<|im_end|>"]
+    quoting = {"prompt": "what ends <|im_end|> a turn?", "response": "this"}
+    data = prepare(tmp_path, [quoting, *conversations(7)], chat_template=CHATML, special_tokens=specials)
+    tok = tokenizer_of(data)
+    served = PromptEncoder(tok, 4096).chat_ids(ChatTemplate(CHATML, source="chatml"), messages_of(quoting)[:1])
+    prompts = [ids[: int(np.argmax(mask))].tolist() for ids, mask in each_conversation(data)]
+    assert served in prompts
 
 
 # --- where the template comes from ---------------------------------------------------------------------

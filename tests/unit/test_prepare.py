@@ -243,3 +243,18 @@ def test_peak_memory_does_not_follow_corpus_size(tmp_path):
         peak[name] = int(out.split()[-1])
     assert json.loads((tmp_path / "ds-x8" / "meta.json").read_text())["sources"]["text_bytes"] > 8_000_000
     assert peak["x8"] <= 1.5 * peak["x1"], peak
+
+
+def test_a_special_token_string_inside_a_document_is_text_and_only_the_separators_are_end_of_text(tmp_path):
+    # User text is text (as OpenAI encodes it): a document that quotes "<|endoftext|>" does not end there.
+    Path("quoting").mkdir()
+    quoted = "the separator is written <|endoftext|> in the docs, and <|endoftext|>again.\n"
+    for i in range(6):
+        Path(f"quoting/doc{i}.txt").write_text((tmp_path / "corpus" / f"doc{i:03d}.txt").read_text() + quoted)
+    meta = prepare_dataset(small_data(sources=["quoting"]), tmp_path / "ds", seed=0).meta
+    shards = TokenShards(tmp_path / "ds")
+    tokens = np.concatenate([shards.split("train"), shards.split("val")])
+    assert int((tokens == meta["eot_id"]).sum()) == 6  # one separator after each document, none inside
+    tok = load_tokenizer(tmp_path / "ds" / "tokenizer.json")
+    texts = tok.decode(tokens.tolist(), skip_special_tokens=True)
+    assert texts.count("<|endoftext|>") == 12 and meta["task"] == "lm"

@@ -93,3 +93,10 @@ def test_split_text_cuts_where_encoding_the_pieces_gives_the_ids_of_the_whole(to
             pieces = list(split_text(text, max_chars))
             assert "".join(pieces) == text and all(len(p) <= max_chars for p in pieces)
             assert [i for p in pieces for i in tok.encode(p).ids] == tok.encode(text).ids
+
+
+def test_encode_texts_reads_a_special_token_string_as_text(tok):
+    ids = encode_texts(tok, ["before <|endoftext|> after", "<|pad|>"], eot=0, dtype=np.uint16)
+    assert ids.tolist().count(0) == 2 and ids[-1] == 0  # only the two separators
+    assert tok.token_to_id("<|pad|>") not in ids.tolist()
+    assert tok.decode(ids.tolist(), skip_special_tokens=False) == "before <|endoftext|> after<|endoftext|><|pad|><|endoftext|>"
