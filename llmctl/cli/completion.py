@@ -125,12 +125,13 @@ def recipe_keys() -> dict[str, tuple[Any, str, Any]]:
     from pydantic_core import PydanticUndefined
 
     from llmctl.config.schema import Recipe
+    from llmctl.config.tagged import TaggedSection
 
     keys: dict[str, tuple[Any, str, Any]] = {}
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
-            section = next((t for t in _flatten(field.annotation) if _is_model(t, BaseModel)), None)
+            section = next((t for t in _flatten(field.annotation) if _is_model(t, (BaseModel, TaggedSection))), None)
             if section is not None:
                 walk(section, f"{prefix}{name}.")
                 continue
@@ -141,7 +142,7 @@ def recipe_keys() -> dict[str, tuple[Any, str, Any]]:
     return keys
 
 
-def _is_model(annotation: Any, base: type) -> bool:
+def _is_model(annotation: Any, base: type | tuple[type, ...]) -> bool:
     return isinstance(annotation, type) and get_origin(annotation) is None and issubclass(annotation, base)
 
 

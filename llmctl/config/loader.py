@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmctl.config.schema import ModelConfig, Recipe
+from llmctl.config.tagged import has_key, is_section, or_list, section_in, untagged_loc
 from llmctl.errors import LlmctlError
 
 COMMAND_LINE = "command line"
@@ -73,11 +74,11 @@ def _takes_plain_string(parts: list[str]) -> bool:
     """Whether the recipe key `parts` (e.g. ["run", "name"]) holds a string, so any text is a fine value."""
     model: Any = Recipe
     for part in parts:
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = model.model_fields.get(part) if is_section(model) else None
         if field is None:
             return False
         options = [field.annotation, *getattr(field.annotation, "__args__", ())]
-        model = next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)), None)
+        model = next((o for o in options if is_section(o)), None)
         if model is None:
             return str in options
     return False
@@ -145,24 +146,6 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that holds the field at `loc[:-1]`, for did-you-mean hints."""
-    model: Any = Recipe
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return None
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        candidates = [annotation, *args]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return None
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
 def _describe(err: dict[str, Any]) -> str:
     kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
@@ -174,6 +157,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"must be {op} {limit}, got {got!r}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected', '?')}, got {got!r}"
+    if kind == "model_type":
+        return f"must be a section of key: value lines, got {got!r}"
     if kind in {"int_parsing", "int_type", "int_from_float"}:
         return f"must be an integer, got {got!r}"
     if kind in {"float_parsing", "float_type"}:
@@ -190,19 +175,39 @@ def _describe(err: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _did_you_mean(loc: tuple[Any, ...]) -> str:
-    model = _model_at(loc)
-    if model is None:
+def _did_you_mean(holder: Any, loc: tuple[Any, ...]) -> str:
+    """The close key of `holder` (the config class the unknown key was given in), or its keys."""
+    if not is_section(holder):
         return ""
     name = str(loc[-1])
-    fields = list(model.model_fields)
+    fields = list(holder.model_fields)
     # A key that extends or shortens a real one (lrate, lr_) beats spelling distance (lrate ~ strategy).
     affixed = sorted((f for f in fields if len(f) > 1 and (name.startswith(f) or f.startswith(name))), key=len, reverse=True)
     close = affixed[:1] or difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
     parent = _dotted(loc[:-1])
     if close:
         return f"; did you mean {parent + '.' if parent else ''}{close[0]}?"
-    return f"; expected one of: {', '.join(model.model_fields)}"
+    return f"; expected one of: {', '.join(holder.model_fields)}"
+
+
+def _unknown_tag(err: dict[str, Any], holder: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], str]:
+    """A tagged section's tag (model.family, data.task) that names none of its configs: its key and problem."""
+    section = section_in(holder.model_fields[loc[-1]].annotation)
+    given = err["input"].get(section.tag) if isinstance(err["input"], dict) else err["input"]
+    return (*loc, section.tag), f"must be one of {or_list([repr(v) for v in section.variants])}, got {given!r}"
+
+
+def _key_of_another_variant(tagged: Any, loc: tuple[Any, ...]) -> str | None:
+    """For a key given in a tagged section (model, data) whose chosen config lacks it but another has it:
+    what it is for and the tag to set, e.g. `data.chat_template renders instruction data: it needs
+    data.task: instruct`."""
+    if tagged is None:
+        return None
+    section, chosen, depth = tagged
+    for tags, config in section.choices().items():
+        if chosen not in tags and has_key(config, loc[depth:]):
+            return f"{_dotted(loc)} {config.purpose}: it needs {_dotted(loc[:depth])}.{section.tag}: {or_list(list(tags))}"
+    return None
 
 
 def _parent_key(key: str) -> str:
@@ -234,16 +239,25 @@ def validate_recipe(
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            loc = tuple(err["loc"])
+            loc, holder, tagged = untagged_loc(Recipe, tuple(err["loc"]))
+            if err["type"] == "union_tag_invalid":
+                loc, text = _unknown_tag(err, holder, loc)
+            else:
+                text = _describe(err)
             key = _dotted(loc) or "(top level)"
-            text = _describe(err)
+            where = _where(key, source, lines or {}, overridden or set())
+            other = _key_of_another_variant(tagged, loc) if err["type"] == "extra_forbidden" else None
+            if other is not None:
+                problems.append(f"{where} {other}")
+                continue
             # A check of a mapping's keys (tune.space) names the key first: point at its own line.
             head, sep, rest = text.partition(": ")
             if sep and f"{key}.{head}" in (lines or {}):
                 key, text = f"{key}.{head}", rest
+                where = _where(key, source, lines or {}, overridden or set())
             if err["type"] == "extra_forbidden":
-                text += _did_you_mean(loc)
-            problems.append(f"{_where(key, source, lines or {}, overridden or set())} {key}: {text}")
+                text += _did_you_mean(holder, loc)
+            problems.append(f"{where} {key}: {text}")
         if len(problems) == 1:
             message = problems[0] if problems[0].endswith(("?", ".")) else f"{problems[0]}."
             raise LlmctlError(message, kind="recipe") from None
@@ -255,6 +269,7 @@ class _ModelDirEntries(BaseModel):
     """The entries a model dir's config.json holds beyond the recipe's model section (classifiers)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+    task: str | None = None
     num_classes: int | None = Field(None, ge=2)
     pad_id: int | None = Field(None, ge=0)
     max_len: int | None = Field(None, ge=1)
@@ -264,8 +279,15 @@ class _ModelDirEntries(BaseModel):
 def check_model_config(config: dict[str, Any], source: str) -> None:
     """Refuse a model dir's config.json whose entries do not have the recipe schema's types and bounds
     (strictly: "2" is not an integer), naming the file and the key, before a model is built from it."""
-    fields = {k: v for k, v in config.items() if k in ModelConfig.model_fields}
-    for schema, entries in ((ModelConfig, fields), (_ModelDirEntries, config)):
+    family = config.get("family", ModelConfig.default)
+    section = ModelConfig.variants.get(family) if isinstance(family, str) else None
+    if section is None:
+        raise LlmctlError(
+            f"{source} family: must be one of {or_list([repr(f) for f in ModelConfig.variants])}, got {family!r}; this "
+            "config.json is damaged or was edited by hand: restore it, or write the model dir again."
+        )
+    fields = {k: v for k, v in config.items() if k in section.model_fields}
+    for schema, entries in ((section, fields), (_ModelDirEntries, config)):
         try:
             schema.model_validate(entries, strict=True)
         except ValidationError as e:
@@ -320,8 +342,6 @@ def take_hf_checkpoint(data: dict[str, Any], source: str, lines: dict[str, int],
     sections = data.setdefault("data", {}) if data.get("data") is None else data["data"]
     if not isinstance(sections, dict):
         return  # validation reports the data section
-    from llmctl.config.schema import ModelConfig
-
     context = model.get("context_length")
     if not isinstance(context, int) or isinstance(context, bool):
         context = ModelConfig.model_fields["context_length"].default

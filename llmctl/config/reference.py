@@ -1,7 +1,8 @@
 """The recipe reference (docs/recipes.md), generated from the schema.
 
-One Markdown table per section (key, type, default, bounds or choices, description), and
-one per nested section such as train.lora. Regenerate the page with:
+One Markdown table per section (key, type, default, bounds or choices, description), one per
+nested section such as train.lora, and for `model` and `data` one per typed config their tag
+chooses (model.family, data.task). Regenerate the page with:
 
     python -m llmctl.config.reference > docs/recipes.md
 """
@@ -18,7 +19,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from llmctl.config.schema import Recipe, _Section
+from llmctl.config.schema import Recipe
+from llmctl.config.tagged import TaggedSection, is_section, or_list, section_in
 
 REGENERATE = "python -m llmctl.config.reference > docs/recipes.md"
 
@@ -33,10 +35,6 @@ can be set on the command line as `section.key=value` (e.g. `train.lr=3e-4`,
 `train.lora.rank=16`). `llmctl recipes validate my.yaml` checks a recipe and prints it
 resolved; `llmctl recipes schema` prints the same information as JSON Schema.
 """
-
-
-def _is_section(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, _Section)
 
 
 def _args(tp: Any) -> tuple[Any, ...]:
@@ -66,7 +64,7 @@ def _type_name(tp: Any) -> str:
         return f"map {_type_name(key)} → {_type_name(value)}"
     if tp is Any:
         return "any"
-    if _is_section(tp):
+    if is_section(tp):
         return "section"
     return getattr(tp, "__name__", str(tp))
 
@@ -100,7 +98,7 @@ def _value(v: Any) -> str:
 def _default(field: FieldInfo) -> str:
     if field.default_factory is not None:
         value = field.default_factory()  # type: ignore[call-arg]
-        if _is_section(type(value)):
+        if is_section(type(value)):
             return "(section)"
         return f"`{_value(value)}`"
     if field.default is PydanticUndefined:
@@ -130,59 +128,63 @@ def _cell(text: str) -> str:
     return "`".join(parts)
 
 
-def _nested(field: FieldInfo) -> type[_Section] | None:
-    """The section a field holds: itself, in a list, in a dict's values, or optional."""
-    stack = [field.annotation]
-    while stack:
-        tp = stack.pop()
-        if _is_section(tp):
-            return tp
-        stack.extend(_args(tp))
-    return None
+def _anchor(key: str, title: str) -> str:
+    """A link to the heading `title` as GitHub names its anchor."""
+    return f"[{key}](#{re.sub(r'[^a-z0-9 _-]', '', title.lower()).replace(' ', '-')})"
 
 
-def _anchor(key: str) -> str:
-    return f"[{key}](#{key.replace('.', '')})"
-
-
-def _table(
-    prefix: str, model: type[_Section], seen: dict[type[_Section], str]
-) -> tuple[list[str], list[tuple[str, type[_Section]]]]:
+def _table(prefix: str, model: Any, seen: dict[Any, tuple[str, str]], suffix: str) -> tuple[list[str], list[tuple[str, Any]]]:
     lines = ["| key | type | default | bounds / choices | description |", "|---|---|---|---|---|"]
     nested = []
     for name, field in model.model_fields.items():
-        sub = _nested(field)
+        sub = section_in(field.annotation)
         if sub is not None and sub not in seen:
-            seen[sub] = f"{prefix}.{name}"
+            seen[sub] = (f"{prefix}.{name}", f"{prefix}.{name}{suffix}")
             nested.append((f"{prefix}.{name}", sub))
         type_name = _type_name(field.annotation)
         desc = field.description or ""
         if sub is not None:
-            desc += f" Fields: {_anchor(seen[sub])}."
+            desc += f" Fields: {_anchor(*seen[sub])}."
         lines.append(
             f"| `{name}` | {_cell(type_name)} | {_cell(_default(field))} | {_cell(_bounds(field))} | {_cell(desc)} |"
         )
     return lines, nested
 
 
+def _section(prefix: str, model: Any, level: int, seen: dict[Any, tuple[str, str]], suffix: str = "",
+             title: str | None = None) -> list[str]:
+    """The heading, docstring and table of one section, then those of the sections nested in it."""
+    out = [f"{'#' * level} {title or prefix + suffix}\n"]
+    doc = (model.__doc__ or "").strip()
+    if doc and (level > 2 or title):
+        out.append(doc + "\n")
+    lines, nested = _table(prefix, model, seen, suffix)
+    out.append("\n".join(lines) + "\n")
+    for key, sub in nested:
+        out += _section(key, sub, level + 1, seen, suffix)
+    return out
+
+
+def _tagged(prefix: str, section: type[TaggedSection], seen: dict[Any, tuple[str, str]]) -> list[str]:
+    """A section with one typed config per value of its tag: what the tag chooses, then each config."""
+    out = [f"## {prefix}\n", f"`{prefix}.{section.tag}` chooses the keys of this section (default "
+                             f"`{section.default}`): {section.tag_description}\n"]
+    for tags, config in section.choices().items():
+        suffix = f" ({section.tag}: {or_list(list(tags))})"
+        out += _section(prefix, config, 3, seen, suffix, title=f"{prefix}{suffix}")
+    return out
+
+
 def recipe_reference_markdown() -> str:
     """The whole reference page as Markdown."""
     out = [_INTRO]
-    pending: list[tuple[str, type[_Section]]] = [
-        (name, field.annotation) for name, field in Recipe.model_fields.items()  # type: ignore[misc]
-    ]
-    seen: dict[type[_Section], str] = {}
-    while pending:
-        prefix, model = pending.pop(0)
-        lines, nested = _table(prefix, model, seen)
-        doc = (model.__doc__ or "").strip()
-        heading = "###" if "." in prefix else "##"
-        out.append(f"{heading} {prefix}\n")
-        if doc and "." in prefix:
-            out.append(doc + "\n")
-        out.append("\n".join(lines) + "\n")
-        # Nested sections follow their parent section directly.
-        pending[0:0] = nested
+    seen: dict[Any, tuple[str, str]] = {}
+    for name, field in Recipe.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, TaggedSection):
+            out += _tagged(name, section, seen)
+        else:
+            out += _section(name, section, 2, seen)
     return "\n".join(out)
 
 

@@ -1,15 +1,20 @@
 """The recipe schema: the single source of truth for every setting's type, default, bound and help.
 
 `llmctl recipes schema` prints it as JSON Schema, error messages quote its bounds,
-and the shipped recipes' comments follow its descriptions.
+and the shipped recipes' comments follow its descriptions. The `model` section is one typed config
+per family and `data` one per task (llmctl/config/tagged.py); the model shapes' defaults are the
+dataclasses' of llmctl/models/shapes.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llmctl.config.tagged import TaggedSection, or_list
+from llmctl.models.shapes import RECURRENT_FAMILIES, GPTConfig, RNNConfig
 
 
 class _Section(BaseModel):
@@ -41,20 +46,34 @@ class SourceSpec(_Section):
         "auto", description="How to read it; auto goes by the extension (.jsonl/.json, .csv, else text)."
     )
     field: str = Field("text", description="The JSONL field or CSV column that holds the text.")
-    label_field: str = Field("label", description="classification: the JSONL field or CSV column that holds the label.")
 
 
-class DataConfig(_Section):
-    task: Literal["lm", "classification", "instruct"] = Field(
-        "lm", description="lm: token shards for language modelling; classification: labelled texts (CSV/JSONL with a "
-        "text and a label column) for sequence classification; instruct: JSONL conversations (`messages`) or "
-        "`prompt`/`response` pairs rendered with the chat template, the loss on response tokens only.",
-    )
-    chat_template: str | None = Field(
-        None, description="instruct: a Jinja2 chat template (Hugging Face's format); null: the one of the model dir "
-        "data.tokenizer comes from (model.init_from's), else llmctl's default. Stored in the model dir, so serve's chat "
-        "endpoint uses it.",
-    )
+class LabelledSource(SourceSpec):
+    """One labelled input of a classification dataset: a text and a label per row."""
+
+    label_field: str = Field("label", description="The JSONL field or CSV column that holds the label.")
+
+
+def _paths_as_sources(v: object) -> object:
+    """A plain string (or a list of them) names a path: `a.txt` is `{path: a.txt}`."""
+    if isinstance(v, (str, dict)):
+        v = [v]
+    if isinstance(v, list):
+        return [{"path": s} if isinstance(s, str) else s for s in v]
+    return v
+
+
+class _DataSection(_Section):
+    """What every task's dataset section holds; a task's section adds its own keys and says (class
+    variables) what its runs report and which train settings apply to it."""
+
+    # The eval figures this task's runs report, which train.monitor may follow.
+    monitors: ClassVar[tuple[str, ...]] = ("val_loss",)
+    weighs_classes: ClassVar[bool] = False  # train.class_weights as a list of weights applies
+    trains_adapters: ClassVar[bool] = True  # train.lora applies (a language model)
+    purpose: ClassVar[str]  # what its own keys are for, in "data.KEY <purpose>: it needs data.task: ..."
+
+    task: str
     dir: str | None = Field(None, description="Dataset dir written by prepare; defaults to data/<run.name>.")
     sources: list[SourceSpec] = Field(
         default_factory=lambda: [SourceSpec(path="builtin:stdlib")],
@@ -83,39 +102,11 @@ class DataConfig(_Section):
     chunk_bytes: int = Field(
         1_000_000, ge=4096, description="Bytes of text encoded per parallel batch; bounds prepare's memory."
     )
-    max_len: int = Field(
-        128, ge=1, le=1_000_000, description="classification: tokens kept per text (longer ones are truncated, shorter padded).",
-    )
-    labels: list[str] | None = Field(
-        None, description="classification: the label set in class order (class 0, 1, ...); null: the train labels, "
-        "sorted (numerically when all are integers).",
-    )
-    val_sources: list[SourceSpec] | None = Field(
-        None, description="classification: labelled val files; null: a stratified val_fraction of sources is held out.",
-    )
-
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _labels_as_strings(cls, v: object) -> object:
-        if isinstance(v, list):
-            return [str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in v]
-        return v
-
-    @field_validator("val_sources", mode="before")
-    @classmethod
-    def _val_strings_are_paths(cls, v: object) -> object:
-        if v is None:
-            return v
-        return cls._strings_are_paths(v)
 
     @field_validator("sources", mode="before")
     @classmethod
     def _strings_are_paths(cls, v: object) -> object:
-        if isinstance(v, (str, dict)):
-            v = [v]
-        if isinstance(v, list):
-            return [{"path": s} if isinstance(s, str) else s for s in v]
-        return v
+        return _paths_as_sources(v)
 
     @field_validator("sources")
     @classmethod
@@ -133,50 +124,155 @@ class DataConfig(_Section):
             raise ValueError("has a repeated token")
         return v
 
+    def source_lists(self) -> list[tuple[str, list[SourceSpec]]]:
+        """The lists of inputs this section reads, each with its key: [("data.sources", [...])]."""
+        return [("data.sources", list(self.sources))]
 
-class ModelConfig(_Section):
-    family: Literal["gpt", "rnn", "lstm", "gru"] = Field(
-        "gpt", description="Model family from the registry. gpt: Llama-style decoder (with data.task: classification, "
-        "a transformer classifier on that backbone); rnn, lstm, gru: recurrent classifiers (classification only).",
+    def check_model(self, model: "_ModelSection") -> None:
+        """Raise ValueError when `model` cannot read this task's data; every model reads it by default."""
+
+
+class LMDataConfig(_DataSection):
+    """Token shards of text for language modelling."""
+
+    purpose: ClassVar[str] = "reads text for language modelling"
+    task: Literal["lm"] = Field("lm", description="Chooses this section: token shards of text.")
+
+
+class ClassificationDataConfig(_DataSection):
+    """Labelled texts (CSV/JSONL rows with a text and a label) for sequence classification."""
+
+    monitors: ClassVar[tuple[str, ...]] = ("val_loss", "val_accuracy", "val_f1")
+    weighs_classes: ClassVar[bool] = True
+    trains_adapters: ClassVar[bool] = False
+    purpose: ClassVar[str] = "describes labelled texts"
+
+    task: Literal["classification"] = Field("classification", description="Chooses this section: labelled texts.")
+    sources: list[LabelledSource] = Field(
+        default_factory=lambda: [LabelledSource(path="builtin:stdlib")],
+        description="Labelled inputs: CSV/JSONL files, builtin:sentiment. A plain string is a path; use "
+        "{path, format, field, label_field} to name the text and label columns.",
     )
-    n_layer: int = Field(4, ge=1, le=256, description="Transformer blocks.")
-    n_head: int = Field(4, ge=1, description="Attention (query) heads.")
-    n_kv_head: int | None = Field(
-        None, ge=1, description="Key/value heads for grouped-query attention; null means n_head."
+    max_len: int = Field(
+        128, ge=1, le=1_000_000, description="Tokens kept per text (longer ones are truncated, shorter padded).",
     )
-    d_model: int = Field(128, ge=8, description="Width of the residual stream.")
-    head_dim: int | None = Field(
-        None, ge=2, description="Width of one attention head; null means d_model / n_head (set by structured pruning)."
+    labels: list[str] | None = Field(
+        None, description="The label set in class order (class 0, 1, ...); null: the train labels, sorted (numerically "
+        "when all are integers).",
     )
-    d_ff: int | None = Field(None, ge=1, description="SwiGLU hidden width; null means Llama's 8/3 d_model rounded up to 64.")
-    context_length: int = Field(128, ge=2, description="Tokens per sequence in training; the longest context.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention and residual outputs while training.")
-    tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
-    rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position embedding.")
-    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of RMSNorm.")
-    init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight init.")
-    vocab_size: int | None = Field(
-        None, ge=2, description="Vocabulary size; null takes it from the dataset's tokenizer."
+    val_sources: list[LabelledSource] | None = Field(
+        None, description="Labelled val files; null: a stratified val_fraction of sources is held out.",
     )
-    init_from: str | None = Field(
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_strings(cls, v: object) -> object:
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    @field_validator("val_sources", mode="before")
+    @classmethod
+    def _val_strings_are_paths(cls, v: object) -> object:
+        return None if v is None else _paths_as_sources(v)
+
+    def source_lists(self) -> list[tuple[str, list[SourceSpec]]]:
+        return [*super().source_lists(), ("data.val_sources", list(self.val_sources or []))]
+
+    def check_model(self, model: "_ModelSection") -> None:
+        if model.context_tokens is not None and self.max_len > model.context_tokens:
+            raise ValueError(f"data.max_len ({self.max_len}) exceeds model.context_length ({model.context_tokens}): "
+                             "the transformer classifier reads at most context_length tokens")
+
+
+class InstructDataConfig(_DataSection):
+    """Conversations rendered with a chat template, the loss on response tokens only."""
+
+    purpose: ClassVar[str] = "renders instruction data"
+
+    task: Literal["instruct"] = Field("instruct", description="Chooses this section: conversations.")
+    chat_template: str | None = Field(
+        None, description="A Jinja2 chat template (Hugging Face's format); null: the one of the model dir data.tokenizer "
+        "comes from (model.init_from's), else llmctl's default. Stored in the model dir, so serve's chat endpoint uses it.",
+    )
+
+
+class DataConfig(TaggedSection):
+    """The data section: one typed config per task, chosen by `data.task`."""
+
+    tag = "task"
+    default = "lm"
+    tag_description = (
+        "lm: token shards for language modelling; classification: labelled texts (CSV/JSONL with a text and a label "
+        "column) for sequence classification; instruct: JSONL conversations (`messages`) or `prompt`/`response` pairs "
+        "rendered with the chat template, the loss on response tokens only."
+    )
+    variants = {"lm": LMDataConfig, "classification": ClassificationDataConfig, "instruct": InstructDataConfig}
+
+
+def _vocab_size_field() -> Any:
+    return Field(None, ge=2, description="Vocabulary size; null takes it from the dataset's tokenizer.")
+
+
+def _init_from_field() -> Any:
+    return Field(
         None, description="Start from these weights: an llmctl model dir (its config.json must match this section), a local "
         "Hugging Face dir of a Llama, Mistral or Qwen2 model (config.json + safetensors + tokenizer.json: its shape and "
         "tokenizer are taken), or hf:ORG/NAME from the local Hugging Face cache (offline); null: random init.",
     )
-    attention_bias: bool = Field(False, description="gpt: biases on the q/k/v projections (Qwen2 has them).")
-    hidden_size: int | None = Field(
-        None, ge=1, description="rnn/lstm/gru: units per recurrent layer (per direction); null means d_model.",
+
+
+def _pooling_field(when: str = "") -> Any:
+    how = ("how per-token states become one vector: the last real token's state (both directions' final states when "
+           "bidirectional), or the mean or max over real tokens.")
+    return Field("last", description=f"{when}{how}" if when else how[0].upper() + how[1:])
+
+
+class _ModelSection(_Section):
+    """What every family's model section holds, and what the family's models are (class variables)."""
+
+    serves: ClassVar[tuple[str, ...] | None] = None  # the data.task values it has a model for; None: every task
+    kind: ClassVar[str]  # what its models are, in "model.family F is <kind>: it needs data.task: ..."
+    purpose: ClassVar[str]  # what its own keys are for, in "model.KEY <purpose>: it needs model.family: ..."
+
+    family: str
+
+    @property
+    def context_tokens(self) -> int | None:
+        """The most tokens a model of this section reads at once; None: any number."""
+        return None
+
+
+class GPTModelConfig(_ModelSection):
+    """A Llama-style decoder: the language model, or with data.task: classification a transformer classifier."""
+
+    kind: ClassVar[str] = "a transformer"
+    purpose: ClassVar[str] = "shapes the gpt decoder"
+
+    family: Literal["gpt"] = Field("gpt", description="Chooses this section: the decoder.")
+    n_layer: int = Field(GPTConfig.n_layer, ge=1, le=256, description="Transformer blocks.")
+    n_head: int = Field(GPTConfig.n_head, ge=1, description="Attention (query) heads.")
+    n_kv_head: int | None = Field(
+        None, ge=1, description="Key/value heads for grouped-query attention; null means n_head."
     )
-    bidirectional: bool = Field(False, description="rnn/lstm/gru: also read each text right to left.")
-    pooling: Literal["last", "mean", "max"] = Field(
-        "last", description="Classifiers: how per-token states become one vector: the last real token's state "
-        "(both directions' final states when bidirectional), or the mean or max over real tokens.",
+    d_model: int = Field(GPTConfig.d_model, ge=8, description="Width of the residual stream.")
+    head_dim: int | None = Field(
+        None, ge=2, description="Width of one attention head; null means d_model / n_head (set by structured pruning)."
     )
+    d_ff: int | None = Field(None, ge=1, description="SwiGLU hidden width; null means Llama's 8/3 d_model rounded up to 64.")
+    context_length: int = Field(GPTConfig.context_length, ge=2, description="Tokens per sequence in training; the longest context.")
+    dropout: float = Field(GPTConfig.dropout, ge=0, lt=1, description="Dropout on attention and residual outputs while training.")
+    tie_embeddings: bool = Field(GPTConfig.tie_embeddings, description="Share the input embedding with the output head.")
+    rope_theta: float = Field(GPTConfig.rope_theta, gt=0, description="Base of the rotary position embedding.")
+    norm_eps: float = Field(GPTConfig.norm_eps, gt=0, description="Epsilon of RMSNorm.")
+    init_std: float = Field(GPTConfig.init_std, gt=0, description="Standard deviation of the normal weight init.")
+    vocab_size: int | None = _vocab_size_field()
+    init_from: str | None = _init_from_field()
+    attention_bias: bool = Field(GPTConfig.attention_bias, description="Biases on the q/k/v projections (Qwen2 has them).")
+    pooling: Literal["last", "mean", "max"] = _pooling_field("With data.task: classification, ")
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelConfig":
-        if self.family != "gpt":
-            return self
+    def _heads_divide(self) -> "GPTModelConfig":
         if self.head_dim is None and self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
         head = self.head_dim or self.d_model // self.n_head
@@ -186,6 +282,45 @@ class ModelConfig(_Section):
         if self.n_head % kv:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({kv})")
         return self
+
+    @property
+    def context_tokens(self) -> int | None:
+        return self.context_length
+
+
+class RecurrentModelConfig(_ModelSection):
+    """A recurrent classifier: embedding -> rnn, lstm or gru layers -> pooling -> a linear head."""
+
+    serves: ClassVar[tuple[str, ...] | None] = ("classification",)
+    kind: ClassVar[str] = "a classifier"
+    purpose: ClassVar[str] = "shapes a recurrent classifier"
+
+    family: Literal["rnn", "lstm", "gru"] = Field(description="Chooses this section: the cell, a tanh rnn, lstm or gru.")
+    # 4, not RNNConfig's 1: recipes have always given every family the gpt's default depth.
+    n_layer: int = Field(GPTConfig.n_layer, ge=1, le=256, description="Recurrent layers.")
+    d_model: int = Field(RNNConfig.d_model, ge=8, description="Width of the token embedding.")
+    hidden_size: int | None = Field(
+        RNNConfig.hidden_size, ge=1, description="Units per recurrent layer (per direction); null means d_model.",
+    )
+    bidirectional: bool = Field(RNNConfig.bidirectional, description="Also read each text right to left.")
+    pooling: Literal["last", "mean", "max"] = _pooling_field()
+    dropout: float = Field(
+        RNNConfig.dropout, ge=0, lt=1, description="Dropout on the embeddings, between layers and on the pooled vector.",
+    )
+    vocab_size: int | None = _vocab_size_field()
+    init_from: str | None = _init_from_field()
+
+
+class ModelConfig(TaggedSection):
+    """The model section: one typed config per family, chosen by `model.family`."""
+
+    tag = "family"
+    default = "gpt"
+    tag_description = (
+        "Model family from the registry. gpt: Llama-style decoder (with data.task: classification, a transformer "
+        "classifier on that backbone); rnn, lstm, gru: recurrent classifiers (classification only)."
+    )
+    variants = {"gpt": GPTModelConfig, **{family: RecurrentModelConfig for family in RECURRENT_FAMILIES}}
 
 
 class LoraConfig(_Section):
@@ -279,8 +414,8 @@ class TrainConfig(_Section):
         "tracker allows).",
     )
     class_weights: Literal["none", "balanced"] | list[float] = Field(
-        "none", description="classification: weight of each class in the loss: none, balanced (n / (classes x count)), "
-        "or one weight per class in label order.",
+        "none", description="With data.task: classification, the weight of each class in the loss: none, balanced "
+        "(n / (classes x count)), or one weight per class in label order.",
     )
 
     @field_validator("log_with", mode="before")
@@ -306,6 +441,14 @@ class TrainConfig(_Section):
             except Exception as e:
                 raise ValueError(getattr(e, "message", str(e))) from None
         return v
+
+    @model_validator(mode="after")
+    def _lora_fits(self) -> "TrainConfig":
+        if self.lora is not None and self.keep_sparsity:
+            raise ValueError("train.lora and train.keep_sparsity: merging the adapters would fill the zeros; choose one")
+        if self.lora is not None and self.strategy == "fsdp":
+            raise ValueError("train.lora works with train.strategy: ddp (FSDP flattens frozen and trained weights together)")
+        return self
 
     @model_validator(mode="after")
     def _micro_divides(self) -> "TrainConfig":
@@ -414,37 +557,42 @@ class Recipe(_Section):
     """A whole recipe: one section per step."""
 
     run: RunConfig = Field(default_factory=RunConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=LMDataConfig)
+    model: ModelConfig = Field(default_factory=GPTModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _family_serves_task(cls, values: Any) -> Any:
+        """A family without a model for the recipe's task is the one thing to say (before its keys are checked
+        against the family: a gpt recipe turned to lstm would otherwise list every gpt key)."""
+        if not isinstance(values, dict):
+            return values
+        model, data = values.get("model"), values.get("data")
+        family = ModelConfig.tag_of(model) if isinstance(model, (dict, BaseModel)) else None
+        task = DataConfig.tag_of(data) if isinstance(data, (dict, BaseModel)) or data is None else None
+        section = ModelConfig.variants.get(family) if isinstance(family, str) else None
+        if section is not None and task in DataConfig.variants and section.serves is not None and task not in section.serves:
+            raise ValueError(f"model.family {family} is {section.kind}: it needs data.task: {or_list(list(section.serves))}")
+        return values
+
     @model_validator(mode="after")
-    def _task_fits(self) -> "Recipe":
-        classification = self.data.task == "classification"
-        if self.model.family in ("rnn", "lstm", "gru") and not classification:
-            raise ValueError(f"model.family {self.model.family} is a classifier: it needs data.task: classification")
-        if self.train.monitor != "val_loss" and not classification:
-            raise ValueError(f"train.monitor {self.train.monitor} needs data.task: classification (lm runs have val_loss)")
-        if classification and self.model.family == "gpt" and self.data.max_len > self.model.context_length:
-            raise ValueError(f"data.max_len ({self.data.max_len}) exceeds model.context_length ({self.model.context_length}): "
-                             "the transformer classifier reads at most context_length tokens")
-        if isinstance(self.train.class_weights, list) and not classification:
-            raise ValueError("train.class_weights needs data.task: classification")
-        if self.data.chat_template is not None and self.data.task != "instruct":
-            raise ValueError("data.chat_template renders instruction data: it needs data.task: instruct")
-        if self.train.lora is not None:
-            if self.model.family != "gpt" or classification:
-                raise ValueError("train.lora adapts the gpt language model: it needs model.family: gpt and data.task: "
-                                 "lm or instruct")
-            if self.train.keep_sparsity:
-                raise ValueError("train.lora and train.keep_sparsity: merging the adapters would fill the zeros; "
-                                 "choose one")
-            if self.train.strategy == "fsdp":
-                raise ValueError("train.lora works with train.strategy: ddp (FSDP flattens frozen and trained weights "
-                                 "together)")
+    def _sections_fit(self) -> "Recipe":
+        """The train settings that only some tasks have, against what this recipe's task says it takes."""
+        data, train = self.data, self.train
+        if train.monitor not in data.monitors:
+            raise ValueError(f"train.monitor {train.monitor} needs data.task: "
+                             f"{DataConfig.tags_where(lambda v: train.monitor in v.monitors)} "
+                             f"({data.task} runs have {', '.join(data.monitors)})")
+        if isinstance(train.class_weights, list) and not data.weighs_classes:
+            raise ValueError(f"train.class_weights needs data.task: {DataConfig.tags_where(lambda v: v.weighs_classes)}")
+        if train.lora is not None and not data.trains_adapters:
+            raise ValueError("train.lora adapts the gpt language model: it needs model.family: gpt and data.task: "
+                             f"{DataConfig.tags_where(lambda v: v.trains_adapters)}")
+        data.check_model(self.model)
         return self
 
     @property

@@ -1,4 +1,4 @@
-"""Sequence classifiers: families `rnn`, `lstm`, `gru`, and `gpt` with `num_classes` (a transformer backbone).
+"""Sequence classifiers: families `rnn`, `lstm`, `gru`, and `gpt` (the decoder as a backbone) for `data.task: classification`.
 
 Every classifier maps right-padded token ids (B, T) and their lengths (B,) to logits (B, n_out):
 one logit when num_classes == 2 (sigmoid and binary cross-entropy, as the founding example's dense
@@ -14,7 +14,6 @@ is never seen. Both paths agree to float rounding.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -22,10 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from llmctl.models.gpt import GPT, GPTConfig, rotary_cos_sin
+from llmctl.models.gpt import GPT, rotary_cos_sin
+from llmctl.models.shapes import POOLINGS, GPTClassifierConfig, RNNConfig
 
 TASK = "classification"
-POOLINGS = ("last", "mean", "max")
 CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
@@ -101,49 +100,7 @@ def _clamped(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return lengths.to(torch.int64).clamp(min=1, max=T)
 
 
-def _check_head(num_classes: int, pooling: str) -> None:
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-
-
 # --- rnn, lstm, gru --------------------------------------------------------------------------------
-
-
-@dataclass
-class RNNConfig:
-    family: str  # rnn (tanh), lstm or gru
-    vocab_size: int
-    num_classes: int
-    pad_id: int = 0  # the id that fills rows past their length; recorded for callers, never read by the model
-    n_layer: int = 1
-    d_model: int = 128  # embedding width
-    hidden_size: int | None = None  # units per layer per direction; None means d_model
-    bidirectional: bool = False
-    pooling: str = "last"
-    dropout: float = 0.0  # on the embeddings, between recurrent layers, and on the pooled vector
-    labels: list[str] | None = None  # class names in class order, when the caller records them
-    max_len: int | None = None  # tokens per text the model was trained on (data.max_len); callers truncate to it
-
-    def __post_init__(self) -> None:
-        if self.family not in CELLS:
-            raise ValueError(f"family must be one of {', '.join(CELLS)}, got {self.family!r}")
-        _check_head(self.num_classes, self.pooling)
-        if self.hidden_size is None:
-            self.hidden_size = self.d_model
-
-    @property
-    def directions(self) -> int:
-        return 2 if self.bidirectional else 1
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "RNNConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class RNNClassifier(nn.Module):
@@ -256,19 +213,6 @@ def build_rnn_classifier(config: dict[str, Any]) -> RNNClassifier:
 
 
 # --- gpt backbone ----------------------------------------------------------------------------------
-
-
-@dataclass
-class GPTClassifierConfig(GPTConfig):
-    num_classes: int = 2
-    pad_id: int = 0  # recorded for callers; causal attention keeps right padding out of real positions
-    pooling: str = "last"
-    labels: list[str] | None = None
-    max_len: int | None = None  # tokens per text the model was trained on (data.max_len); callers truncate to it
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_head(self.num_classes, self.pooling)
 
 
 class GPTClassifier(nn.Module):

@@ -11,7 +11,6 @@ export to that format is a rename-free copy.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -19,46 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmctl.models.kv_window import KVLayer, KVWindow
+from llmctl.models.shapes import GPTConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None
-    d_model: int = 128
-    head_dim: int | None = None
-    d_ff: int | None = None
-    context_length: int = 128
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    attention_bias: bool = False  # biases on q_proj, k_proj and v_proj (Qwen2); o_proj never has one
-
-    def __post_init__(self) -> None:
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if self.d_ff is None:
-            # Llama's rule: 2/3 of 4*d, rounded up to a multiple of 64.
-            self.d_ff = 64 * math.ceil(int(8 * self.d_model / 3) / 64)
-
-    @property
-    def head_size(self) -> int:
-        """Width of one attention head: `head_dim` when set (a structurally pruned model), else d_model / n_head."""
-        return self.head_dim or self.d_model // self.n_head
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "GPTConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"family": "gpt", **asdict(self)}
 
 
 class RMSNorm(nn.Module):
@@ -247,9 +209,5 @@ class GPT(nn.Module):
 
 
 def build_gpt(config: dict[str, Any]) -> nn.Module:
-    """The decoder LM; with `num_classes` in the config, a classifier on its body (llmctl/models/classifiers.py)."""
-    if config.get("num_classes") is not None:
-        from llmctl.models.classifiers import build_gpt_classifier
-
-        return build_gpt_classifier(config)
+    """The decoder language model of a config dict (config.json, or a recipe's model section with vocab_size)."""
     return GPT(GPTConfig.from_dict(config))

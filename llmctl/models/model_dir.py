@@ -20,10 +20,10 @@ class LoadedModel:
     path: Path
 
 
-# config.json entries that describe how to use the model rather than its weights (the serve chat
-# endpoint's template; a classifier's class names and how its texts are encoded): a model rebuilt
+# config.json entries that describe how to use the model rather than its weights (its task, the serve
+# chat endpoint's template; a classifier's class names and how its texts are encoded): a model rebuilt
 # from another, compressed for one, keeps them.
-CARRIED_CONFIG_KEYS = ("chat_template", "labels", "max_len", "pad_id")
+CARRIED_CONFIG_KEYS = ("task", "chat_template", "labels", "max_len", "pad_id")
 
 
 def carried_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -39,17 +39,22 @@ def save_model_dir(
     provenance: dict[str, Any],
     state_dict: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
+    task: str | None = None,
 ) -> None:
     """Write a complete model dir to `dest` atomically (a crash leaves the old one or none).
 
     `state_dict` overrides the model's own (the gathered one of a sharded model); `extra_config`
     adds entries to config.json (e.g. `carried_config` of the model it came from); a tied output
     head is stored once, as HF Llama does. A quantized model (`model.quantization` set) stores its
-    integer weights and scales as they are and records the scheme in config.json.
+    integer weights and scales as they are and records the scheme in config.json. config.json records
+    the model's `task`: `task`, else the one `extra_config` carries, else the one its shape implies.
     """
     from safetensors.torch import save_file
 
+    from llmctl.tasks import task_of_config
+
     config = {**model.config.to_dict(), **(extra_config or {})}
+    config["task"] = task or task_of_config(config).name
     quantization = getattr(model, "quantization", None)
     if quantization:
         config["quantization"] = quantization
@@ -81,9 +86,8 @@ def load_model_dir(path: str | Path, device: str = "cpu") -> LoadedModel:
     from safetensors.torch import load_model
     from tokenizers import Tokenizer
 
-    from llmctl.models.registry import build_model
-
     from llmctl.config.loader import check_model_config
+    from llmctl.models.registry import build_model
 
     md = ModelDir(Path(path))
     md.check()
@@ -146,7 +150,9 @@ def _load_quantized(md: ModelDir, config: dict[str, Any], device: str) -> Any:
             f"{md.config}: quantization scheme {scheme!r} is not one this llmctl runs ({', '.join(SCHEMES)}); "
             "upgrade llmctl or quantize the float model again."
         )
-    classifier = config.get("num_classes") is not None
+    from llmctl.tasks import task_of_config
+
+    classifier = task_of_config(config).name == "classification"
     if not classifier and config.get("family", "gpt") != "gpt":
         raise LlmctlError(f"{md.config}: quantized {config.get('family')!r} models are not supported; only gpt.")
     if classifier and scheme != "int8":
