@@ -90,7 +90,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe: Recip
 def _run_inputs(recipe: Recipe) -> list[tuple[str, Path]]:
     """What a training run reads, as (what, path): the dataset dir, local sources, tokenizer, init_from."""
     inputs = [("the dataset dir", recipe.data_dir())]
-    for key, specs in (("data.sources", recipe.data.sources), ("data.val_sources", recipe.data.val_sources or [])):
+    for key, specs in recipe.data.source_lists():
         for i, spec in enumerate(specs):
             if not spec.path.startswith("builtin:") and Path(spec.path).exists():
                 inputs.append((f"{key}[{i}]", Path(spec.path)))
