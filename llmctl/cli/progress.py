@@ -199,18 +199,10 @@ class TrainProgress(TrainCallbacks):
         if info["plan"] is not None:
             err_console.print(plan_table(info["plan"]))
         chosen = " (chosen by micro_batch_size: auto)" if info["micro_batch_auto"] else ""
-        if info.get("task", "lm") == "lm":
-            per_step = f"{info['batch_size'] * info['context_length']:,} tokens/step"
-        elif info["task"] == "instruct":
-            per_step = (f"{info['batch_size']} conversations/step ({info['train_examples']:,} train, {info['val_examples']:,} "
-                        f"val; the loss on their {info['train_response_tokens']:,} response tokens)")
-        else:
-            per_step = (f"{info['batch_size']} examples/step ({info['train_examples']:,} train, {info['val_examples']:,} val; "
-                        f"classes {', '.join(map(str, info['classes']))})")
         err_console.print(
             f"training {info['parameters'] / 1e6:.2f}M parameters on {info['device']} x{info['processes']} "
             f"({info['precision']}, {info['strategy'] if info['processes'] > 1 else 'one process'}), "
-            f"{per_step}, micro-batch {info['micro_batch_size']}{chosen} x "
+            f"{info['per_step']}, micro-batch {info['micro_batch_size']}{chosen} x "
             f"{info['accumulation']} accumulation -> {info['run_dir']}"
         )
         if info["start_step"]:

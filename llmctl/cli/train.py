@@ -45,7 +45,6 @@ def train_cli(
         from llmctl.training.launch import check_devices, check_strategy, parse_devices
 
         resolved = load_recipe(recipe, overrides or [])
-        target = run_dir or Path("runs") / resolved.name
         device_ids = parse_devices(devices) if devices else resolved.train.devices
         if device_ids is not None and not launched():
             check_devices(device_ids)
@@ -55,57 +54,56 @@ def train_cli(
             _print_plan(resolved, nproc or 1, json_out)
             return
 
-        from llmctl.training.trainer import check_run_dir
-
-        check_run_dir(target, resume=resume, overwrite=overwrite, recipe=resolved)
-        from llmctl.training.trackers import check_trackers
-
-        check_trackers(resolved.train.log_with)  # before preparing a data set the run would then refuse
-        if not launched() and ((nproc or 1) > 1 or accelerate_config is not None):
-            raise typer.Exit(_launch(recipe, overrides or [], resolved, run_dir, resume, overwrite, nproc, accelerate_config, device_ids, json_out))
-
         from llmctl.cli.prepare import run_prepare
-        from llmctl.cli.progress import TrainProgress
-        from llmctl.training.trainer import train
+        from llmctl.training.run import launch_run, train_run
 
-        if not launched():
-            run_prepare(resolved)  # a launched run's parent prepared it once, before starting workers
+        if not launched() and ((nproc or 1) > 1 or accelerate_config is not None):
+            raise typer.Exit(launch_run(
+                resolved, recipe, overrides or [], run_dir, resume=resume, overwrite=overwrite, nproc=nproc,
+                accelerate_config=accelerate_config, devices=device_ids, json_out=json_out, prepare=run_prepare,
+                on_message=say,
+            ))
+        from llmctl.cli.progress import TrainProgress
         from llmctl.tuning.distributed import RankZeroTrialReporter, TrialStopped, trial_context
 
         progress = TrainProgress()
         context = trial_context()
         callbacks = RankZeroTrialReporter(context, progress) if context else progress
         try:
-            result = train(resolved, target, resume=resume, overwrite=overwrite, callbacks=callbacks)
+            # A launched run's parent prepared the dataset once, before starting the workers.
+            result = train_run(resolved, run_dir or Path("runs") / resolved.name, resume=resume, overwrite=overwrite,
+                               callbacks=callbacks, prepare=None if launched() else run_prepare)
         except TrialStopped as stopped:
             say(str(stopped))
             return
         finally:
             progress.close()
-        monitor, best_value = result.extra.get("monitor", "val_loss"), result.extra.get("best_monitor")
-        best = f", best {monitor.replace('_', ' ')} {best_value:.4f} at step {result.best_step}" if best_value is not None else ""
-        if result.extra.get("task", "lm") == "lm":
-            say(f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s{best}")
-            say(f"model: {result.model_dir}  (next: llmctl eval {result.model_dir} --prompt \"def \")")
-        else:
-            say(f"done: {result.step} steps, {result.extra['examples']:,} examples in {result.elapsed_s:.0f} s{best}")
-            say(f"model: {result.model_dir}  (next: llmctl eval {result.model_dir})")
-        if json_out:
-            print_json(
-                {
-                    "run_dir": str(result.run_dir),
-                    "model_dir": str(result.model_dir),
-                    "step": result.step,
-                    "tokens": result.tokens,
-                    "loss": result.loss,
-                    "val_loss": result.val_loss,
-                    "best_val_loss": result.best_val_loss,
-                    "best_step": result.best_step,
-                    "stopped_early": result.stopped_early,
-                    "elapsed_s": round(result.elapsed_s, 3),
-                    **result.extra,
-                }
-            )
+        _print_result(result, json_out)
+
+
+def _print_result(result, json_out: bool) -> None:
+    monitor, best_value = result.extra.get("monitor", "val_loss"), result.extra.get("best_monitor")
+    best = f", best {monitor.replace('_', ' ')} {best_value:.4f} at step {result.best_step}" if best_value is not None else ""
+    if "examples" in result.extra:  # a task that counts examples (classification, instruct)
+        say(f"done: {result.step} steps, {result.extra['examples']:,} examples in {result.elapsed_s:.0f} s{best}")
+        say(f"model: {result.model_dir}  (next: llmctl eval {result.model_dir})")
+    else:
+        say(f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s{best}")
+        say(f"model: {result.model_dir}  (next: llmctl eval {result.model_dir} --prompt \"def \")")
+    if json_out:
+        print_json({
+            "run_dir": str(result.run_dir),
+            "model_dir": str(result.model_dir),
+            "step": result.step,
+            "tokens": result.tokens,
+            "loss": result.loss,
+            "val_loss": result.val_loss,
+            "best_val_loss": result.best_val_loss,
+            "best_step": result.best_step,
+            "stopped_early": result.stopped_early,
+            "elapsed_s": round(result.elapsed_s, 3),
+            **result.extra,
+        })
 
 
 def _pin_devices(ids: list[int]) -> None:
@@ -115,53 +113,16 @@ def _pin_devices(ids: list[int]) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
 
 
-def _launch(recipe, overrides, resolved, run_dir, resume, overwrite, nproc, accelerate_config, device_ids, json_out) -> int:
-    """Prepare once here, then run `llmctl train` in every process through `accelerate launch`."""
-    from llmctl.cli.prepare import run_prepare
-    from llmctl.training.launch import check_accelerate_config, launch_command, run_launched
-    from llmctl.training.trainer import check_batch_split
-
-    processes = check_accelerate_config(accelerate_config) if accelerate_config is not None else None
-    if device_ids is not None and nproc is not None and nproc > len(device_ids):
-        from llmctl.errors import LlmctlError
-
-        raise LlmctlError(f"--nproc {nproc} needs {nproc} GPUs, but --devices names {len(device_ids)}.")
-    check_batch_split(resolved.train, nproc or processes or 1)  # once, here, not in every worker
-    run_prepare(resolved)
-    args = [str(recipe), *overrides]
-    if run_dir is not None:
-        args += ["--run-dir", str(run_dir)]
-    args += ["--resume"] * resume + ["--overwrite"] * overwrite + ["--json"] * json_out
-    cmd = launch_command(args, nproc=nproc, accelerate_config=accelerate_config, fsdp=resolved.train.strategy == "fsdp")
-    say(f"launching {nproc or 'the configured number of'} processes through accelerate launch")
-    return run_launched(cmd, device_ids)
-
-
-def _planned_vocab(resolved) -> int:
-    """The vocabulary the run will have: the prepared dataset's, a reused tokenizer's, or data.vocab_size."""
-    from llmctl.artifacts import DatasetDir
-
-    dataset = DatasetDir(resolved.data_dir())
-    if dataset.exists():
-        return int(dataset.read_meta()["vocab_size"])
-    if resolved.data.tokenizer:
-        from llmctl.data.tokenizer import load_tokenizer
-
-        return load_tokenizer(Path(resolved.data.tokenizer)).get_vocab_size()
-    return resolved.data.vocab_size
-
-
 def _print_plan(resolved, processes: int, json_out: bool) -> None:
-    from accelerate import PartialState
+    from llmctl.training.run import memory_plan
 
-    from llmctl.cli.progress import plan_table
-    from llmctl.training.trainer import resolve_micro_batch
-
-    device = "cuda:0" if PartialState().device.type == "cuda" else "cpu"
-    micro, plan = resolve_micro_batch(resolved, processes, device, _planned_vocab(resolved))
+    micro, plan = memory_plan(resolved, processes)
     if json_out:
-        print_json({"plan": plan.to_dict(), "micro_batch_size": micro, "processes": processes})
-    else:
+        print_json({"plan": plan.to_dict() if plan is not None else None, "micro_batch_size": micro, "processes": processes})
+    elif plan is not None:
         from llmctl.cli.output import out_console
+        from llmctl.cli.progress import plan_table
 
         out_console.print(plan_table(plan))
+    else:
+        say(f"micro-batch {micro} x {processes} process(es): data.task {resolved.data.task} has no memory plan")

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmctl.config.tagged import TaggedSection, or_list
-from llmctl.models.shapes import RECURRENT_FAMILIES, GPTConfig, RNNConfig
+from llmctl.models.shapes import RECURRENT_FAMILIES, GPTClassifierConfig, GPTConfig, RNNConfig
 
 
 class _Section(BaseModel):
@@ -287,6 +287,14 @@ class GPTModelConfig(_ModelSection):
     def context_tokens(self) -> int | None:
         return self.context_length
 
+    def language_model_shape(self, vocab_size: int) -> GPTConfig:
+        """The decoder language model this section describes, with `vocab_size` tokens."""
+        return GPTConfig.from_dict({**self.model_dump(), "vocab_size": vocab_size})
+
+    def classifier_shape(self, vocab_size: int, **head: Any) -> GPTClassifierConfig:
+        """The decoder with a classification head (`head`: num_classes, pad_id, max_len, labels)."""
+        return GPTClassifierConfig.from_dict({**self.model_dump(), "vocab_size": vocab_size, **head})
+
 
 class RecurrentModelConfig(_ModelSection):
     """A recurrent classifier: embedding -> rnn, lstm or gru layers -> pooling -> a linear head."""
@@ -309,6 +317,10 @@ class RecurrentModelConfig(_ModelSection):
     )
     vocab_size: int | None = _vocab_size_field()
     init_from: str | None = _init_from_field()
+
+    def classifier_shape(self, vocab_size: int, **head: Any) -> RNNConfig:
+        """The recurrent classifier this section describes (`head`: num_classes, pad_id, max_len, labels)."""
+        return RNNConfig.from_dict({**self.model_dump(), "vocab_size": vocab_size, **head})
 
 
 class ModelConfig(TaggedSection):

@@ -69,7 +69,7 @@ def stored_parameters(loaded: Any) -> tuple[int | None, int | None]:
             else:  # int4 packed two to a byte (or into int32 words)
                 packed = True
     if packed:
-        from llmctl.training.memory import count_parameters
+        from llmctl.models.shapes import count_parameters
 
         return count_parameters(loaded.config), None
     return total, nonzero

@@ -49,8 +49,9 @@ class Task:
 
     @property
     def training(self) -> ModuleType:
-        """`TrainingData(recipe)`: the trainer's view of the dataset (model config, batches, the loss of a
-        micro-batch, the evaluator of the val split, what "tokens" means in the logs)."""
+        """`TrainingData(recipe)`, a `training.task_data.TaskData`: the trainer's view of the dataset (the model
+        shape, batches, the loss of a micro-batch, the evaluator of the val split, what the logs count);
+        `planned_shape(recipe, vocab_size)`: the GPTConfig the memory planner plans, or None."""
         return self.stage("training")
 
     @property

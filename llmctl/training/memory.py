@@ -1,8 +1,9 @@
 """Plan a training step's memory before allocating any: weights, gradients, optimizer state, activations.
 
-The figures come from the architecture of `llmctl.models.gpt` and from what autograd saves
-for it, counted tensor by tensor (see `_activation_bytes_per_token`), not from a factor
-fitted to one model; `tests/unit/test_memory.py` checks them against a measured step.
+The figures come from the architecture of `llmctl.models.gpt` (its shape, a `GPTConfig`: the same
+object the model is built from) and from what autograd saves for it, counted tensor by tensor (see
+`_activation_bytes_per_token`), not from a factor fitted to one model; `tests/unit/test_memory.py`
+checks them against a measured step.
 On CPU a wrong batch size ends in the kernel's OOM kill, which nothing can catch, so the
 trainer plans micro-batches from this estimate instead of trying and retrying.
 """
@@ -10,16 +11,20 @@ trainer plans micro-batches from this estimate instead of trying and retrying.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from llmctl.config.schema import TrainConfig
 from llmctl.errors import LlmctlError
-from llmctl.units import human_bytes, parse_memory
+from llmctl.models.shapes import GPTConfig, gpt_shape
+from llmctl.units import human_bytes
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
-PRECISIONS = ("fp32", "bf16", "fp16")
-STRATEGIES = ("ddp", "fsdp")
+# The recipe schema's choices, read from it: the list of optimizers (precisions, strategies) is written once.
+OPTIMIZERS = typing.get_args(TrainConfig.model_fields["optimizer"].annotation)
+PRECISIONS = typing.get_args(TrainConfig.model_fields["precision"].annotation)
+STRATEGIES = typing.get_args(TrainConfig.model_fields["strategy"].annotation)
 
 # Parameters, gradients and optimizer state stay fp32 under bf16/fp16 autocast (master weights).
 _FP32 = 4
@@ -37,82 +42,11 @@ def optimizer_bytes_per_parameter(optimizer: str, momentum: float = 0.9) -> int:
     raise LlmctlError(f"train.optimizer: unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """The dimensions of a `gpt` model that memory depends on, defaults resolved as GPTConfig does."""
-
-    vocab_size: int
-    n_layer: int
-    n_head: int
-    n_kv_head: int
-    d_model: int
-    d_ff: int
-    context_length: int
-    dropout: float
-    tie_embeddings: bool
-    head_dim: int | None = None
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.d_model // self.n_head
-
-    @property
-    def d_kv(self) -> int:
-        return self.n_kv_head * self.head_size
-
-    @property
-    def layer_matrices(self) -> int:
-        """Weights of one block's linear layers: q, o (d x d_q), k, v (d x d_kv), gate, up, down (d x d_ff)."""
-        d = self.d_model
-        return 2 * d * self.n_head * self.head_size + 2 * d * self.d_kv + 3 * d * self.d_ff
-
-    @property
-    def layer_parameters(self) -> int:
-        return self.layer_matrices + 2 * self.d_model  # + two RMSNorm weights
-
-    @property
-    def parameters(self) -> int:
-        """Unique parameters; a tied output head shares the embedding and is counted once."""
-        embedding = self.vocab_size * self.d_model
-        head = 0 if self.tie_embeddings else embedding
-        return embedding + head + self.n_layer * self.layer_parameters + self.d_model
-
-    @property
-    def largest_tensor(self) -> int:
-        return max(self.vocab_size * self.d_model, self.d_model * self.d_ff)
+def _shape(model: GPTConfig | Mapping[str, Any]) -> GPTConfig:
+    return gpt_shape(model, "plan memory")
 
 
-def _shape(model_config: dict[str, Any]) -> _Shape:
-    family = model_config.get("family", "gpt")
-    if family != "gpt":
-        raise LlmctlError(f"model.family: memory planning knows the gpt family only, got {family!r}.")
-    if not model_config.get("vocab_size"):
-        raise LlmctlError("model.vocab_size: needed to plan memory; take it from the dataset's tokenizer first.")
-    d = int(model_config.get("d_model", 128))
-    n_head = int(model_config.get("n_head", 4))
-    d_ff = model_config.get("d_ff")
-    if d_ff is None:
-        d_ff = 64 * math.ceil(int(8 * d / 3) / 64)  # Llama's rule, as in GPTConfig
-    return _Shape(
-        vocab_size=int(model_config["vocab_size"]),
-        n_layer=int(model_config.get("n_layer", 4)),
-        n_head=n_head,
-        n_kv_head=int(model_config.get("n_kv_head") or n_head),
-        d_model=d,
-        d_ff=int(d_ff),
-        context_length=int(model_config.get("context_length", 128)),
-        dropout=float(model_config.get("dropout", 0.0) or 0.0),
-        tie_embeddings=bool(model_config.get("tie_embeddings", True)),
-        head_dim=model_config.get("head_dim"),
-    )
-
-
-def count_parameters(model_config: dict[str, Any]) -> int:
-    """Unique parameters of the model `model_config` describes, without building it."""
-    return _shape(model_config).parameters
-
-
-def _activation_bytes_per_token(s: _Shape, precision: str, device_type: str) -> int:
+def _activation_bytes_per_token(s: GPTConfig, precision: str, device_type: str) -> int:
     """Bytes alive per token at the peak of backward, for one micro-batch: what autograd saved
     in the forward plus the loss head's gradients (which is when backward peaks).
 
@@ -230,7 +164,7 @@ def _device_type(device: str) -> str:
 
 
 def estimate_memory(
-    model_config: dict[str, Any],
+    model_config: GPTConfig | Mapping[str, Any],
     optimizer: str,
     precision: str,
     micro_batch_size: int,
@@ -241,7 +175,8 @@ def estimate_memory(
     budget_bytes: int | None = None,
     momentum: float = 0.9,
 ) -> MemoryPlan:
-    """Estimate the bytes one device needs for a training step of `micro_batch_size` sequences.
+    """Estimate the bytes one device needs for a training step of `micro_batch_size` sequences of the
+    gpt model `model_config` describes (its GPTConfig, or a config.json dict read with its defaults).
 
     peak = weights + gradients + optimizer state + DDP/FSDP buffers
            + max(activations + autocast weight copies, temporaries after backward's activations are freed)
@@ -255,7 +190,7 @@ def estimate_memory(
 
 
 def _estimate(
-    model_config: dict[str, Any],
+    model_config: GPTConfig | Mapping[str, Any],
     optimizer: str,
     precision: str,
     micro_batch_size: int,
@@ -338,7 +273,7 @@ def _estimate(
 
 
 def choose_micro_batch(
-    model_config: dict[str, Any],
+    model_config: GPTConfig | Mapping[str, Any],
     optimizer: str,
     precision: str,
     batch_size: int,

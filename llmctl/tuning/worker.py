@@ -2,7 +2,7 @@
 
 `llmctl tune` starts `--jobs` of these (python -m llmctl.tuning.worker SPEC SLOT), each with its
 own devices (CUDA_VISIBLE_DEVICES) or share of CPU threads. Each trial is an ordinary
-`train()` run of the recipe with the trial's overrides, in the trial's own run dir.
+`train_run()` of the recipe with the trial's overrides, in the trial's own run dir.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def run_trial(trial: Any, spec: dict[str, Any]) -> float:
     """The objective: train the recipe with this trial's values; its best evaluated objective."""
     from llmctl.artifacts import StudyDir
     from llmctl.config.loader import load_recipe
-    from llmctl.training.trainer import train
+    from llmctl.training.run import train_run
 
     base = load_recipe(spec["recipe"], spec["overrides"])
     run_dir = StudyDir(Path(spec["study_dir"])).trial(trial.number)
@@ -110,7 +110,7 @@ def run_trial(trial: Any, spec: dict[str, Any]) -> float:
         recipe = load_recipe(spec["recipe"], [*spec["overrides"], *budget, *overrides])
         if base.tune.nproc_per_trial > 1:
             return _run_launched_trial(trial, spec, base, [*spec["overrides"], *budget, *overrides], run_dir)
-        train(recipe, run_dir, overwrite=True, callbacks=reporter)
+        train_run(recipe, run_dir, overwrite=True, callbacks=reporter, prepare=None)  # `tune` prepared the dataset once
     except LlmctlError as e:
         if e.kind in MACHINE_KINDS:
             raise MachineFailure(_for_the_study(e, trial.number)) from None

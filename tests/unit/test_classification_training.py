@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llmctl.training.examples import ExampleBatches, class_weight_tensor
-from llmctl.training.tasks import monitor_is_better, steps_for_epochs
+from llmctl.training.state import monitor_is_better
+from llmctl.training.steps import steps_for_epochs
 
 
 def batches(n: int = 10, batch_size: int = 4, seed: int = 0) -> ExampleBatches:

@@ -15,7 +15,8 @@ from llmctl.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, resol
 from llmctl.data.prepare import prepare_dataset
 from llmctl.errors import EXIT_BAD_INPUT, LlmctlError
 from llmctl.tasks.instruct.data import InstructionData, InstructionSplit, iter_response_runs
-from llmctl.training.tasks import InstructionBatches, InstructionTask
+from llmctl.tasks.instruct.training import InstructionBatches
+from llmctl.tasks.instruct.training import TrainingData as InstructionTask
 from tests.conftest import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from llmctl.errors import LlmctlError
+from llmctl.models.shapes import count_parameters
 from llmctl.training.memory import (
     MemoryPlan,
     choose_micro_batch,
-    count_parameters,
     estimate_memory,
     free_device_memory,
 )

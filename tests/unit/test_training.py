@@ -16,7 +16,7 @@ from llmctl.errors import LlmctlError
 from llmctl.training.batches import WindowBatches, eval_starts
 from llmctl.training.checkpoints import REQUIRED, STATE_FILE, MetricsLog, check_checkpoint
 from llmctl.training.optim import build_optimizer, build_schedule, l1_penalty, lr_multiplier, parameter_groups
-from llmctl.training.trainer import check_run_dir
+from llmctl.training.run_checks import check_run_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -430,7 +430,7 @@ def test_stale_temporaries_are_what_an_interrupted_run_leaves(tmp_path):
     ({"eval_every": 150}, 1, None, 150, None),
 ])
 def test_an_eval_interval_beyond_the_run_is_scaled_to_it_and_says_so(settings, max_steps, per_epoch, every, note):
-    from llmctl.training.trainer import scaled_eval_every
+    from llmctl.training.steps import scaled_eval_every
 
     got, message = scaled_eval_every(TrainConfig(**settings), max_steps, per_epoch)
     assert got == every
@@ -442,7 +442,7 @@ def test_an_eval_interval_beyond_the_run_is_scaled_to_it_and_says_so(settings, m
 
 
 def test_a_batch_the_processes_cannot_split_is_refused_naming_the_sizes():
-    from llmctl.training.trainer import check_batch_split
+    from llmctl.training.run_checks import check_batch_split
 
     check_batch_split(TrainConfig(batch_size=16, micro_batch_size=8), 2)
     with pytest.raises(LlmctlError, match=r"train\.batch_size \(24\) must be a multiple of micro_batch_size x "
