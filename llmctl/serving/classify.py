@@ -8,8 +8,10 @@ right-padded to the longest text of that forward, and the classifiers never read
 sequences, causal attention), so a text's probabilities do not depend on what it is batched with
 beyond float rounding (~1e-7).
 
-Works over any model that `load_for_inference` returns with `task == "classification"`: a torch
-model dir or an ONNX Runtime export dir, both called as `model(ids (B, T), lengths (B,)) -> logits`.
+Works over any classifier that `load_for_inference` returns: a torch model dir or an ONNX Runtime
+export dir, both called as `model(ids (B, T), lengths (B,)) -> logits`. The runner is a
+`llmctl.serving.runner.Runner`; the routes over it are the classification task's
+(`llmctl.tasks.classification.serving`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from llmctl.errors import LlmctlError
+from llmctl.serving.runner import QueueFull, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,10 @@ class ClassifierSpec:
 
     @staticmethod
     def is_classifier(config: dict[str, Any]) -> bool:
-        """Whether a model or export dir's config.json describes a classifier (it names a class count)."""
-        return config.get("num_classes") is not None
+        """Whether a model or export dir's config.json describes a classifier (as the task registry reads it)."""
+        from llmctl.tasks import task_of_config
+
+        return task_of_config(config).name == "classification"
 
     @classmethod
     def from_config(cls, config: dict[str, Any], where: str) -> "ClassifierSpec":
@@ -80,14 +85,6 @@ class ClassifierSpec:
         return out
 
 
-class QueueFull(Exception):
-    """`max_queue` requests already wait for the model; the caller should answer 503 / retry later."""
-
-
-class RunnerStopped(RuntimeError):
-    """The runner is stopping or stopped and takes no new requests."""
-
-
 @dataclass
 class _Pending:
     ids: np.ndarray  # (n, max_len) int32
@@ -123,13 +120,13 @@ class ClassifierRunner:
 
     def submit(self, ids: np.ndarray, lengths: np.ndarray) -> Future:
         """Queue one request's texts; the Future gives their probabilities (n, num_classes) as float32.
-        Cancelling it before its forward starts drops the request. Raises QueueFull or RunnerStopped."""
+        Cancelling it before its forward starts drops the request. Raises QueueFull or Stopped."""
         if not 1 <= len(lengths) <= self.max_texts:
             raise ValueError(f"a request holds 1 to {self.max_texts} texts, got {len(lengths)}")
         pending = _Pending(ids, lengths, Future())
         with self._cond:
             if self._stopping:
-                raise RunnerStopped("the classifier is stopping")
+                raise Stopped("the classifier is stopping")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are waiting")
             self._waiting.append(pending)

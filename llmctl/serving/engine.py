@@ -29,6 +29,7 @@ import torch
 
 from llmctl.models.generation import SamplingParams, model_device, sample_next
 from llmctl.serving.batch import KVCache, RunningBatch, prefill
+from llmctl.serving.runner import QueueFull, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,6 @@ class TokenEvent:
     top_logprobs: dict[int, float] | None
     finish_reason: str | None  # None while running; "stop", "length", "cancelled" or "error"
     message: str | None = None  # what went wrong, on a final "error" event
-
-
-class QueueFull(Exception):
-    """`max_queue` requests are already waiting; the caller should answer 503 / retry later."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is stopping or stopped and takes no new requests."""
 
 
 class RequestHandle:
@@ -303,12 +296,12 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request (from any thread). Raises ValueError for a bad request, QueueFull when
-        `max_queue` requests already wait, EngineStopped once `stop` was called."""
+        `max_queue` requests already wait, Stopped once `stop` was called."""
         self._check(request)
         handle = RequestHandle(self, request)
         with self._cond:
             if self._state not in ("new", "running"):
-                raise EngineStopped("the engine is stopping and takes no new requests")
+                raise Stopped("the engine is stopping and takes no new requests")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue {self.max_queue})")
             if request.max_new_tokens == 0:

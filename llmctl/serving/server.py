@@ -1,10 +1,10 @@
 """Run the API under uvicorn: check the model dir and the port before anything else, listen, load the
 model in a thread while /health answers 503, and on SIGTERM stop accepting, finish what is in flight,
-stop the engine and return 0.
+stop the runner and return 0.
 
-A language model is served by the generation engine (engine.py); a classifier (its config.json names
-`num_classes`) by the classifier runner (classify.py) behind POST /v1/classify. Which one is decided
-from config.json before listening, without torch."""
+The model is read once before listening (model_info.py); its task's serving module
+(`llmctl.tasks.<task>.serving`) says what else it needs, starts its runner (the generation engine, the
+classifier runner) and gives the routes the app mounts."""
 
 from __future__ import annotations
 
@@ -21,15 +21,9 @@ from typing import Any, Callable, Iterator
 
 import uvicorn
 
-from llmctl.artifacts import ExportDir, ModelDir, read_json_artifact
 from llmctl.errors import EXIT_BAD_INPUT, EXIT_FAILURE, LlmctlError
 from llmctl.progress import Progress, read_ahead, silent_if_none
-from llmctl.serving.classify import ClassifierSpec
-from llmctl.serving.protocol import MAX_CLASSIFY_TEXTS
-
-DTYPES = ("fp32", "bf16")
-GRAPHS = ("fp32", "int8")  # an export dir's model.onnx, or model.int8.onnx (`export --quantize int8`)
-DEFAULT_BATCH = 16  # sequences a language model decodes together unless --max-batch-size says otherwise
+from llmctl.serving.model_info import ModelInfo, backend_label, inspect_model, load_served_model, weight_files
 
 
 @dataclass
@@ -46,92 +40,6 @@ class ServeOptions:
     dtype: str = "fp32"
     graph: str | None = None  # an export dir's graph: fp32 (model.onnx, the default) or int8 (model.int8.onnx)
     model_name: str | None = None
-
-
-@dataclass
-class ModelInfo:
-    """What can be known of a model or export dir without loading its weights (cheap: no torch)."""
-
-    path: Path
-    backend: str  # torch | onnxruntime
-    config: dict[str, Any]
-    config_path: Path
-    tokenizer: Any  # tokenizers.Tokenizer
-    eot_id: int  # a classifier's pad id
-    context_length: int  # tokens; a classifier's max_len (tokens it reads per text)
-    vocab_size: int
-    quantization: str | None
-    classifier: ClassifierSpec | None = None  # None: a language model
-    graph: Path | None = None  # the ONNX graph ONNX Runtime runs (an export dir), else None
-
-
-def _graph_file(export: ExportDir, graph: str | None) -> Path:
-    """The ONNX file of an export dir that `--graph` names (None: fp32, model.onnx)."""
-    return export.onnx_int8 if graph == "int8" else export.onnx
-
-
-def inspect_model(path: Path, dtype: str, graph: str | None = None) -> ModelInfo:
-    """Check that `path` is a servable model or export dir (and `graph` one of its graphs) and read its
-    config and tokenizer; refuses anything else with an LlmctlError naming what to change."""
-    from tokenizers import Tokenizer
-
-    from llmctl.data.tokenizer import eot_id
-    from llmctl.models.loading import backend_of
-
-    path = Path(path)
-    if dtype not in DTYPES:
-        raise LlmctlError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}.")
-    if graph is not None and graph not in GRAPHS:
-        raise LlmctlError(f"--graph {graph!r}: expected one of {', '.join(GRAPHS)}.")
-    _refuse_a_graph_file(path)
-    backend = backend_of(path)
-    onnx = None
-    if backend == "torch":
-        if graph is not None:
-            raise LlmctlError(f"--graph {graph}: picks the graph of an ONNX export dir; {path} is a model dir (torch). "
-                              "Drop --graph, or serve the export dir.")
-        layout = ModelDir(path)
-        layout.check()
-        config_path, tokenizer_path, what = layout.config, layout.tokenizer, "model dir"
-    else:
-        export = ExportDir(path)
-        onnx = _graph_file(export, graph)
-        if graph == "int8" and not onnx.is_file():
-            raise LlmctlError(f"--graph int8: {path} has no {onnx.name}; write it with `llmctl export ... --quantize "
-                              "int8`, or drop --graph to serve model.onnx.")
-        for needed in (onnx, export.tokenizer, export.config):
-            if not needed.is_file():
-                raise LlmctlError(f"{path}: an export dir without {needed.name}; write it again with `llmctl export`.")
-        config_path, tokenizer_path, what = export.config, export.tokenizer, "export dir"
-    config = read_json_artifact(config_path, what)
-    try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    except Exception as e:  # the Rust side raises a bare Exception for any parse problem
-        raise LlmctlError(f"{tokenizer_path}: not a readable tokenizer.json ({e}).") from None
-    classifier = ClassifierSpec.from_config(config, str(config_path)) if ClassifierSpec.is_classifier(config) else None
-    context, vocab = config.get("context_length"), config.get("vocab_size")
-    if classifier is not None:
-        context = classifier.max_len
-        if not isinstance(vocab, int) or vocab < 1:
-            raise LlmctlError(f"{config_path}: needs an integer vocab_size; the {what} is damaged.")
-    elif not isinstance(context, int) or context < 2 or not isinstance(vocab, int) or vocab < 1:
-        raise LlmctlError(f"{config_path}: needs integer context_length and vocab_size; the {what} is damaged.")
-    quantization = config.get("quantization")
-    scheme = quantization.get("scheme") if isinstance(quantization, dict) else None
-    if dtype == "bf16" and backend == "onnxruntime":
-        raise LlmctlError(f"--dtype bf16: {path} is an export dir, run by ONNX Runtime in fp32; drop --dtype "
-                          "or serve the model dir it was exported from.")
-    if dtype == "bf16" and scheme:
-        raise LlmctlError(f"--dtype bf16: {path} is quantized ({scheme}) and runs in its own precision; drop --dtype.")
-    eot = classifier.pad_id if classifier is not None else eot_id(tokenizer)
-    return ModelInfo(path, backend, config, config_path, tokenizer, eot, context, vocab, scheme, classifier, onnx)
-
-
-def _refuse_a_graph_file(path: Path) -> None:
-    """An .onnx file inside an export dir is served through its dir: say how."""
-    if path.is_file() and path.suffix == ".onnx" and ExportDir(path.parent).is_export():
-        flag = " --graph int8" if path.name == ExportDir(path.parent).onnx_int8.name else ""
-        raise LlmctlError(f"{path}: a graph file; serve its export dir: `llmctl serve {path.parent}{flag}`.")
 
 
 def default_model_name(path: Path) -> str:
@@ -184,23 +92,20 @@ def serve(options: ServeOptions, say: Callable[[str], None], progress: Progress 
     Bad input (model dir, port, options) raises LlmctlError before listening. A model that fails to
     load after listening stops the server: 2 for a bad model dir, 1 for anything else.
     """
-    from llmctl.serving.api import ServingState, create_app
-    from llmctl.serving.chat import chat_template_of
+    from llmctl.serving.api import create_app
     from llmctl.serving.metrics import ServerMetrics
+    from llmctl.serving.state import ServingState
 
     info = inspect_model(options.path, options.dtype, options.graph)
-    _refuse_language_model_options(options, info)
-    limit = options.max_tokens_limit or info.context_length
-    if limit < 1:
-        raise LlmctlError(f"--max-tokens-limit {limit}: must be at least 1.")
-    eos = info.tokenizer.id_to_token(info.eot_id) or ""
-    template = chat_template_of(info.config, str(info.config_path), eos)
+    serving = info.task.serving
+    serving.refuse_options(options, info)
+    fields = serving.state_fields(info, options)
     sock = bind_socket(options.host, options.port)
     name = options.model_name or default_model_name(options.path)
     state = ServingState(
-        model_name=name, tokenizer=info.tokenizer, eot_id=info.eot_id, context_length=info.context_length,
-        vocab_size=info.vocab_size, max_tokens_limit=limit, chat_template=template, metrics=ServerMetrics(),
-        api_key=options.api_key, backend=_backend_label(info, options.dtype), classifier=info.classifier,
+        model_name=name, tokenizer=info.tokenizer, context_length=info.context_length, vocab_size=info.vocab_size,
+        metrics=ServerMetrics(), task=info.task.name, api_key=options.api_key,
+        backend=backend_label(info, options.dtype), **fields,
     )
     config = uvicorn.Config(
         create_app(state), log_level="warning", access_log=False, lifespan="off", ws="none",
@@ -212,10 +117,8 @@ def serve(options: ServeOptions, say: Callable[[str], None], progress: Progress 
                               name="llmctl-load", daemon=True)
 
     def on_listening() -> None:
-        kind = "" if info.classifier is None else f"a classifier: {', '.join(info.classifier.labels)}; "
-        routes = "OpenAI API under /v1" if info.classifier is None else "POST /v1/classify, GET /v1/models"
-        say(f"serving {name} ({kind}{state.backend}) from {options.path}")
-        (announce or say)(f"listening on {_url(sock)}  ({routes}; GET /health, GET /metrics)"
+        say(f"serving {name} ({serving.kind_note(info)}{state.backend}) from {options.path}")
+        (announce or say)(f"listening on {_url(sock)}  ({serving.ROUTES}; GET /health, GET /metrics)"
                           + ("; API key required" if options.api_key else ""))
         if not options.api_key and not _is_loopback(sock):
             say(f"warning: listening beyond this machine ({options.host}) without --api-key; anyone who reaches "
@@ -242,29 +145,10 @@ def serve(options: ServeOptions, say: Callable[[str], None], progress: Progress 
     return 130 if signal.SIGINT in server.signals else 0
 
 
-def _refuse_language_model_options(options: ServeOptions, info: ModelInfo) -> None:
-    """A classifier has no decode batch and no max_tokens: refuse those flags rather than ignore them."""
-    if info.classifier is None:
-        return
-    given = [flag for flag, value in (("--max-batch-size", options.max_batch_size),
-                                      ("--max-tokens-limit", options.max_tokens_limit)) if value is not None]
-    if given:
-        raise LlmctlError(
-            f"{', '.join(given)}: for language models; {options.path} is a classifier, which reads up to "
-            f"{MAX_CLASSIFY_TEXTS} texts per forward (--max-queue bounds the requests waiting)."
-        )
-
-
 def _is_loopback(sock: socket.socket) -> bool:
     import ipaddress
 
     return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
-
-
-def _backend_label(info: ModelInfo, dtype: str) -> str:
-    if info.backend == "onnxruntime":
-        return "onnxruntime int8" if info.graph == ExportDir(info.path).onnx_int8 else "onnxruntime"
-    return f"torch-{info.quantization}" if info.quantization else f"torch {dtype}"
 
 
 def _load(state: Any, info: ModelInfo, options: ServeOptions, server: "_Server", outcome: dict, say: Callable,
@@ -288,67 +172,15 @@ def _load(state: Any, info: ModelInfo, options: ServeOptions, server: "_Server",
 
 
 def _start(state: Any, info: ModelInfo, options: ServeOptions, progress: Progress) -> tuple[Any, str]:
-    """Load the model and start its engine (None if the server began stopping meanwhile), and what to say of it."""
-    files = _weight_files(info)
+    """Load the model and start its runner (None if the server began stopping meanwhile), and what to say of it."""
     progress.stage(f"reading the weights of {info.path}", unit="bytes")
-    read_ahead(files, progress.update)
+    read_ahead(weight_files(info), progress.update)
     progress.stage("loading the model")
     model = load_served_model(info, options.dtype)
     if state.status == "stopping":
         return None, ""
     progress.stage("starting the engine")
-    if info.classifier is not None:
-        engine = _start_classifier(state, model, options)
-        detail = (f"labels {', '.join(info.classifier.labels)}, texts cut to {info.context_length} tokens, up to "
-                  f"{MAX_CLASSIFY_TEXTS} texts per forward, queue {options.max_queue} requests")
-    else:
-        from llmctl.serving.engine import Engine
-
-        engine = Engine(model, context_length=info.context_length,
-                        max_batch_size=options.max_batch_size or DEFAULT_BATCH, max_queue=options.max_queue,
-                        on_step=state.metrics.on_step)
-        engine.start()
-        detail = (f"context {info.context_length} tokens, max_tokens up to {state.max_tokens_limit}, batch "
-                  f"{options.max_batch_size or DEFAULT_BATCH}, queue {options.max_queue}")
-    return engine, detail
-
-
-def load_served_model(info: ModelInfo, dtype: str = "fp32") -> Any:
-    """The model `info` describes, loaded as the server runs it: in `dtype` (torch), or on the graph
-    `--graph` chose, with ONNX Runtime's threads never spinning. Spinning threads starve the HTTP
-    thread and the engine's own Python between steps: 16 clients got fewer tokens/s than one."""
-    from llmctl.models.loading import load_for_inference
-
-    loaded = load_for_inference(info.path, onnx_file=info.graph.name if info.graph is not None else None,
-                                spin_threads=False)
-    model = loaded.model
-    if dtype == "bf16":
-        import torch
-
-        model = model.to(torch.bfloat16)
-    if (getattr(model, "task", None) == "classification") != (info.classifier is not None):
-        kind = "a classifier" if info.classifier is not None else "a language model"
-        raise LlmctlError(f"{info.config_path} describes {kind} but the model loaded from {info.path} is not one; "
-                          "the dir is damaged: write it again.")
-    return model
-
-
-def _weight_files(info: ModelInfo) -> list[Path]:
-    """The files loading reads its weights from: an export dir's graph (+ data), else *.safetensors."""
-    if info.graph is not None:
-        graph = info.graph
-        return [f for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file()]
-    return sorted(Path(info.path).glob("*.safetensors"))
-
-
-def _start_classifier(state: Any, model: Any, options: ServeOptions) -> Any:
-    """The classifier's runner, started: one thread owns the model, a request's texts go in one forward."""
-    from llmctl.serving.classify import ClassifierRunner
-
-    runner = ClassifierRunner(model, max_texts=MAX_CLASSIFY_TEXTS, max_queue=options.max_queue,
-                              on_forward=state.metrics.on_forward)
-    runner.start()
-    return runner
+    return info.task.serving.start_runner(model, state, options)
 
 
 def _fail(state: Any, server: "_Server", outcome: dict, message: str, code: int, say: Callable) -> None:

@@ -116,9 +116,9 @@ def test_generation_endpoints_and_bad_input_get_400s_and_metrics_count_them(serv
 
 
 def test_the_model_kind_is_read_from_config_json_without_importing_torch(workdir: Path) -> None:
-    code = ("import sys; from llmctl.serving.server import inspect_model; "
+    code = ("import sys; from llmctl.serving.model_info import inspect_model; "
             "info = inspect_model('runs/sentiment-rnn/model', 'fp32'); "
-            "print(info.classifier.labels, info.context_length, 'torch' in sys.modules)")
+            "print(info.spec.labels, info.context_length, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "('negative', 'positive') 32 False"
 

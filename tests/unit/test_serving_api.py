@@ -16,14 +16,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from llmctl.errors import LlmctlError
-from llmctl.serving.api import ServingState, create_app
-from llmctl.serving.classify import ClassifierRunner, ClassifierSpec, QueueFull as ClassifierQueueFull, RunnerStopped
+from llmctl.serving.api import create_app
+from llmctl.serving.classify import ClassifierRunner, ClassifierSpec
 from llmctl.serving.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError, chat_template_of
 from llmctl.serving.decoding import ChoiceStats, IncrementalDetokenizer, StopStrings, choice_pieces
-from llmctl.serving.engine import GenerationRequest, QueueFull, TokenEvent
+from llmctl.serving.engine import GenerationRequest, TokenEvent
 from llmctl.serving.metrics import ServerMetrics
 from llmctl.serving.protocol import MAX_CLASSIFY_CHARS, MAX_CLASSIFY_TEXTS
+from llmctl.serving.runner import QueueFull, QueueFull as ClassifierQueueFull, Stopped as RunnerStopped
 from llmctl.serving.server import bind_socket
+from llmctl.serving.state import ServingState
 from tests.conftest import generated_text
 
 CONTEXT = 64
@@ -500,7 +502,7 @@ def mib_chunks(n: int) -> Any:
 def test_a_body_without_content_length_is_refused_413_once_past_the_cap_and_the_rest_is_never_read(
     tokenizer: Any,
 ) -> None:
-    from llmctl.serving.api import MAX_BODY_BYTES
+    from llmctl.serving.middleware import MAX_BODY_BYTES
 
     engine = FakeEngine(lambda r: [5])
     app = create_app(make_state(tokenizer, engine))
@@ -514,7 +516,7 @@ def test_a_body_without_content_length_is_refused_413_once_past_the_cap_and_the_
 
 
 def test_a_body_of_more_json_values_than_any_request_needs_is_refused_413_as_it_streams_in(tokenizer: Any) -> None:
-    from llmctl.serving.api import MAX_BODY_SEPARATORS
+    from llmctl.serving.middleware import MAX_BODY_SEPARATORS
 
     def token_ids(chunks: int) -> Any:  # 1 MiB of "1," per chunk: 2**19 values
         yield b'{"prompt": ['
@@ -834,7 +836,7 @@ def classify_server(tokenizer: Any, classifier: Any):
     def make(model: Any = None, *, ready: bool = True, max_queue: int = 64, **overrides: Any):
         state = ServingState(
             model_name="sentiment", tokenizer=tokenizer, eot_id=0, context_length=MAX_LEN, vocab_size=300,
-            max_tokens_limit=MAX_LEN, metrics=ServerMetrics(), classifier=SPEC,
+            max_tokens_limit=MAX_LEN, metrics=ServerMetrics(), classifier=SPEC, task="classification",
             chat_template=chat_template_of({}, "config.json", "<|endoftext|>"), **overrides,
         )
         runner = ClassifierRunner(classifier if model is None else model, max_texts=MAX_CLASSIFY_TEXTS,

@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from llmctl.models.generation import SamplingParams, generate
-from llmctl.serving.engine import (
-    Engine,
-    EngineStopped,
-    GenerationRequest,
-    QueueFull,
-    RequestHandle,
-    TokenEvent,
-)
+from llmctl.serving.engine import Engine, GenerationRequest, RequestHandle, TokenEvent
+from llmctl.serving.runner import QueueFull, Stopped as EngineStopped
 from tests.conftest import TINY_MODEL, generated_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -202,7 +196,7 @@ def test_the_preallocated_window_gives_the_growing_caches_logits_as_rows_come_an
 def onnx_model(model, tmp_path_factory):
     """`model` exported to ONNX and opened in ONNX Runtime (about 5 s)."""
     from llmctl.data.tokenizer import train_tokenizer
-    from llmctl.export.onnx_export import export_onnx
+    from llmctl.tasks.lm.export import export_onnx
     from llmctl.models.model_dir import load_model_dir, save_model_dir
     from llmctl.models.onnx_model import OnnxCausalLM
 
@@ -486,7 +480,7 @@ def test_a_failing_decode_step_fails_its_batch_and_the_engine_keeps_serving(mode
 def test_serve_loads_the_graph_asked_for_with_onnx_runtime_threads_that_never_spin(onnx_model, graph, file):
     """ONNX Runtime's threads busy-wait after each run by default; in the server they took the cores the
     HTTP thread needed, and 16 clients got 0.4-0.6x the tokens/s of one (issue 16)."""
-    from llmctl.serving.server import inspect_model, load_served_model
+    from llmctl.serving.model_info import inspect_model, load_served_model
 
     served = load_served_model(inspect_model(onnx_model.graph_path.parent, "fp32", graph))
     options = served.session.get_session_options()
