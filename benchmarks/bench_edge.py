@@ -137,7 +137,7 @@ def worker_setup(spec: dict) -> dict:
     from llmctl.compression.quantization import quantize_model
     from llmctl.data.tokenizer import train_tokenizer
     from llmctl.errors import LlmctlError
-    from llmctl.export.onnx_export import export_onnx
+    from llmctl.tasks.lm.export import export_onnx
     from llmctl.models.gpt import GPT, GPTConfig
     from llmctl.models.model_dir import load_model_dir, save_model_dir
 
@@ -276,7 +276,7 @@ def worker_quality(spec: dict) -> dict:
     from llmctl.errors import LlmctlError
     from llmctl.evaluation.perplexity import evaluate_tokens
     from llmctl.evaluation.profile import val_tokens_of
-    from llmctl.export.onnx_export import export_onnx
+    from llmctl.tasks.lm.export import export_onnx
     from llmctl.models.model_dir import load_model_dir, save_model_dir
 
     _threads(spec)

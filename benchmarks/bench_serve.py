@@ -101,7 +101,7 @@ def random_model_dir(dest: Path) -> Path:
 
 def onnx_export_dir(model_dir: Path, dest: Path) -> Path:
     """The fp32 ONNX export of `model_dir` (verified against PyTorch, as `llmctl export` does)."""
-    from llmctl.export.onnx_export import export_onnx
+    from llmctl.tasks.lm.export import export_onnx
     from llmctl.models.model_dir import load_model_dir
 
     report = export_onnx(load_model_dir(model_dir), dest)

@@ -419,6 +419,37 @@ class ExportDir:
 
 
 @dataclass(frozen=True)
+class HFModelDir(ModelDir):
+    """A Hugging Face model dir (what `save_pretrained` writes, and `llmctl export --format hf`): a model
+    dir's config.json (HF's own), model.safetensors and tokenizer.json, and HF's other files."""
+
+    @property
+    def weights_index(self) -> Path:
+        return self.path / "model.safetensors.index.json"
+
+    @property
+    def tokenizer_config(self) -> Path:
+        return self.path / "tokenizer_config.json"
+
+    @property
+    def generation_config(self) -> Path:
+        return self.path / "generation_config.json"
+
+    @property
+    def manifest(self) -> Path:
+        """export.json: written by `llmctl export --format hf` only."""
+        return self.path / "export.json"
+
+    def holds_hf_config(self) -> bool:
+        """Whether config.json is HF's: a `model_type` (llmctl's own config.json names a `family`)."""
+        try:
+            config = json.loads(self.config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and "model_type" in config and "family" not in config
+
+
+@dataclass(frozen=True)
 class RunDir:
     """`train`'s output: resolved recipe, metrics log, checkpoints and the final model."""
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from llmctl.cli.completion import choices, complete_model_dir, complete_recipe_file
-from llmctl.cli.output import add_disturbed_caption, out_console, print_json, reporting_errors, say, timed
+from llmctl.cli.output import add_disturbed_caption, out_console, print_json, reporting_errors, say
 
 EPILOG = (
     "Examples: llmctl compress runs/tiny-gpt/model --prune 0.3 --quantize int8 -o out/tiny-int8  |  "
@@ -71,6 +71,7 @@ def compress_cli(
         from llmctl.cli.sections import inputs_of, resolve_section
         from llmctl.compression.pipeline import compress_model, describe
         from llmctl.models.loading import require_model_dir
+        from llmctl.tasks import task_of
 
         require_model_dir(model_dir, "compress")
         refuse_output_over_inputs("-o", output, inputs_of(model_dir, data))
@@ -93,90 +94,22 @@ def compress_cli(
         report["output"] = str(output)
         if json_out:
             print_json(report)
-        else:
-            if report.get("task") == "classification":
-                out_console.print(classifier_report_table(report))
-                if report.get("metrics_not_measured"):
-                    say(f"[yellow]accuracy and F1 not measured:[/] {report['metrics_not_measured']}")
-            else:
-                out_console.print(report_table(report))
-                if report.get("perplexity_not_measured"):
-                    say(f"[yellow]perplexity not measured:[/] {report['perplexity_not_measured']}")
-            say(f"wrote {output} (report: {output / 'compression.json'})")
+            return
+        task = task_of(output)
+        out_console.print(compression_table(report, task))
+        for what, why in task.compression.report_notes(report):
+            say(f"[yellow]{what}:[/] {why}")
+        say(f"wrote {output} (report: {output / 'compression.json'})")
 
 
-def _table(report: dict[str, Any]) -> Any:
+def compression_table(report: dict[str, Any], task: Any) -> Any:
+    """compression.json's before/after table, its rows as `task`'s compression module writes them."""
     from rich.table import Table
 
     table = Table(title="compression (same machine, same run)", header_style="bold", box=None, title_justify="left")
     for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
         table.add_column(col, justify=justify)
-    return table
-
-
-def _num(v: Any, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def _change(x: Any, y: Any, *, pct: bool = False) -> str:
-    if not x or not y:
-        return "-"
-    if pct:
-        return f"{100 * (y / x - 1):+.2f}%"
-    return f"{y / x:.2f}x"
-
-
-def speed_change(ratio: float | None) -> str:
-    """A speed ratio (after / before; above 1 is faster) as people say it: `2.00× faster`, `1.45× slower`."""
-    if not ratio:
-        return "-"
-    if ratio >= 1:
-        return f"{ratio:.2f}× faster"
-    return f"{1 / ratio:.2f}× slower"
-
-
-def classifier_report_table(report: dict[str, Any]) -> Any:
-    from llmctl.units import human_bytes
-
-    b, a = report["before"], report["after"]
-    table = _table(report)
-
-    def points(x: Any, y: Any) -> str:
-        return "-" if x is None or y is None else f"{100 * (y - x):+.2f} pts"
-
-    table.add_row("parameters", _num(b["parameters"], ","), _num(a["parameters"], ","), _change(b["parameters"], a["parameters"]))
-    table.add_row("non-zero parameters", _num(b["nonzero_parameters"], ","), _num(a["nonzero_parameters"], ","),
-                  _change(b["nonzero_parameters"], a["nonzero_parameters"]))
-    table.add_row("size on disk", human_bytes(b["size_bytes"]), human_bytes(a["size_bytes"]), _change(b["size_bytes"], a["size_bytes"]))
-    examples = f" ({b['examples']:,} texts)" if b["examples"] else ""
-    table.add_row(f"val accuracy{examples}", _num(b["accuracy"], ".4f"), _num(a["accuracy"], ".4f"), points(b["accuracy"], a["accuracy"]))
-    table.add_row("val macro-F1", _num(b["macro_f1"], ".4f"), _num(a["macro_f1"], ".4f"), points(b["macro_f1"], a["macro_f1"]))
-    shape = f" ({b['forward_batch']} x {b['forward_tokens']} tokens)" if b["forward_ms"] else ""
-    speed = speed_change(b["forward_ms"] / a["forward_ms"] if b["forward_ms"] and a["forward_ms"] else None)
-    table.add_row(f"forward latency{shape}", *[timed(_num(m["forward_ms"], ".2f") + " ms", m) if m["forward_ms"] else "-"
-                                               for m in (b, a)], speed)
-    add_disturbed_caption(table, [b, a])
-    return table
-
-
-def report_table(report: dict[str, Any]) -> Any:
-    from llmctl.units import human_bytes
-
-    b, a = report["before"], report["after"]
-    table = _table(report)
-    num, change = _num, _change
-
-    table.add_row("parameters", num(b["parameters"], ","), num(a["parameters"], ","), change(b["parameters"], a["parameters"]))
-    table.add_row("non-zero parameters", num(b["nonzero_parameters"], ","), num(a["nonzero_parameters"], ","),
-                  change(b["nonzero_parameters"], a["nonzero_parameters"]))
-    table.add_row("size on disk", human_bytes(b["size_bytes"]), human_bytes(a["size_bytes"]), change(b["size_bytes"], a["size_bytes"]))
-    table.add_row("val perplexity", num(b["perplexity"], ".3f"), num(a["perplexity"], ".3f"), change(b["perplexity"], a["perplexity"], pct=True))
-    tokens = b.get("forward_tokens")
-    ms = [timed(num(m["forward_ms"], ".2f") + " ms", m) if m["forward_ms"] else "-" for m in (b, a)]
-    forward = speed_change(b["forward_ms"] / a["forward_ms"] if b["forward_ms"] and a["forward_ms"] else None)
-    table.add_row(f"forward latency (1 x {tokens} tokens)" if tokens else "forward latency (not measured)", *ms, forward)
-    generate = b["generate_tokens_per_s"], a["generate_tokens_per_s"]
-    table.add_row("generate tokens/s", *[timed(num(m["generate_tokens_per_s"], ".1f"), m) for m in (b, a)],
-                  speed_change(generate[1] / generate[0] if all(generate) else None))
-    add_disturbed_caption(table, [b, a])
+    for row in task.compression.report_rows(report):
+        table.add_row(*row)
+    add_disturbed_caption(table, [report["before"], report["after"]])
     return table

@@ -60,11 +60,11 @@ def export_cli(
     with reporting_errors(json_out):
         if format not in (None, "onnx", "hf"):
             raise LlmctlError(f"--format {format!r}: expected onnx or hf.")
-        from llmctl.artifacts import check_output_dir, refuse_output_over_inputs
+        from llmctl.artifacts import refuse_output_over_inputs
+        from llmctl.cli.progress import WorkProgress
         from llmctl.cli.sections import inputs_of, resolve_section
-        from llmctl.evaluation.profile import val_tokens_of
+        from llmctl.export.pipeline import export_model
         from llmctl.models.loading import require_model_dir
-        from llmctl.models.model_dir import load_model_dir
 
         require_model_dir(model_dir, "export")
         refuse_output_over_inputs("-o", output, inputs_of(model_dir, data))
@@ -74,75 +74,20 @@ def export_cli(
         options = resolved.options
         for line in resolved.lines("export", {"quantize": ": also writes model.int8.onnx; --quantize none skips it"}):
             say(line)
-        if options.format == "hf":
-            typed = [_FLAGS[k] for k in _ONNX_ONLY if flags[k] is not None]
-            if typed:
-                raise LlmctlError(f"{', '.join(typed)}: ONNX options; --format hf writes safetensors and takes --atol only.")
-        check_output_dir(output, overwrite=overwrite, sources=[model_dir], marker="export.json")
-        loaded = load_model_dir(model_dir)
-        if options.format == "hf":
-            _export_hf(loaded, output, options.atol, data, json_out)
-            return
-        from llmctl.export.onnx_export import export_onnx
-
-        classifier = getattr(loaded.model, "task", None) == "classification"
-        tokens = None
-        if options.quantize == "int8" and not classifier:
-            tokens, _, missing = val_tokens_of(loaded, data, 16384)
-            if missing:
-                say(f"[yellow]the int8 graph's perplexity will not be measured:[/] {missing}")
-        from llmctl.cli.progress import WorkProgress
-
+        typed = [_FLAGS[k] for k in _ONNX_ONLY if flags[k] is not None]
+        if options.format == "hf" and typed:
+            raise LlmctlError(f"{', '.join(typed)}: ONNX options; --format hf writes safetensors and takes --atol only.")
         with WorkProgress() as progress:
-            report = export_onnx(
-                loaded, output, opset=options.opset, atol=options.atol, quantize=options.quantize,
-                external_data_threshold=int(options.external_data_mb * 1e6), eval_tokens=tokens,
-                data=data if classifier else None, progress=progress,
-            )
-        result = report.to_dict()
-        result["from_recipe"] = {f"export.{key}": value for key, value in resolved.from_recipe}
+            report = export_model(model_dir, output, options, data=data, overwrite=overwrite, progress=progress)
         if json_out:
-            print_json(result)
-        elif classifier:
-            out_console.print(parity_table(report.rows, options.atol))
-            _print_classifier_figures(report.figures)
+            print_json({**report.to_dict(), "from_recipe": {f"export.{key}": value for key, value in resolved.from_recipe}})
         else:
-            out_console.print(parity_table(report.rows, options.atol))
-            _print_int8(report.figures.get("int8"))
-            say(f"wrote {output} ({', '.join(Path(p).name for k, p in report.paths.items() if k != 'dir')})")
+            out_console.print(parity_table(report.rows, options.atol, title=report.title))
+            for line in report.summary:
+                say(line)
         if not report.passed:
-            say_always(f"[red]parity check failed:[/] {report.failure} The files are kept in {output} for inspection.")
+            say_always(f"[red]{report.check} failed:[/] {report.failure} The files are kept in {output} for inspection.")
             raise typer.Exit(EXIT_GATE_FAILED)
-
-
-def _export_hf(loaded: Any, output: Path, atol: float, data: Optional[Path], json_out: bool) -> None:
-    """--format hf: write and verify the Hugging Face dir, print its figures, exit 3 on a failed check."""
-    from llmctl.evaluation.profile import val_tokens_of
-    from llmctl.export.hf_export import export_hf
-
-    tokens = None
-    if getattr(loaded.model, "task", None) != "classification":  # export_hf refuses classifiers, naming --format onnx
-        tokens, _, missing = val_tokens_of(loaded, data, 16384)
-        if missing:
-            say(f"[yellow]no val tokens: comparing on random ids[/] ({missing})")
-    from llmctl.cli.progress import WorkProgress
-
-    with WorkProgress() as progress:
-        report = export_hf(loaded, output, atol=atol, eval_tokens=tokens, progress=progress)
-    if json_out:
-        print_json(report.to_dict())
-    else:
-        v = report.figures["verification"]
-        out_console.print(parity_table(report.rows, atol, title=f"transformers {v['transformers_version']} vs llmctl"))
-        g, t = v["greedy"], v["tokenizer"]
-        say(f"inputs: {v['inputs']}, {v['window'][0]} x {v['window'][1]} tokens; greedy picks "
-            f"{'identical' if g['identical'] else 'DIFFER'} over {g['compared']} steps; AutoTokenizer ids "
-            f"{'identical' if t['identical'] else 'DIFFER'} on {t['texts']} texts")
-        files = ", ".join(Path(p).name for k, p in report.paths.items() if k != "dir")
-        say(f"wrote {output} ({report.figures['architecture']}: {files})")
-    if not report.passed:
-        say_always(f"[red]verification failed:[/] {report.failure} The files are kept in {output} for inspection.")
-        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 def parity_table(rows: list[dict[str, Any]], atol: float, title: str = "ONNX Runtime vs PyTorch") -> Any:
@@ -155,33 +100,3 @@ def parity_table(rows: list[dict[str, Any]], atol: float, title: str = "ONNX Run
         table.add_row(str(r["output"]), f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}", str(r.get("worst", "")),
                       "[green]yes[/]" if r["passed"] else "[red]NO[/]")
     return table
-
-
-def _print_int8(int8: dict[str, Any] | None) -> None:
-    if not int8:
-        return
-    text = f"int8: {int8['file']} is {1 / int8['size_ratio']:.2f}x the fp32 size ({int8['weight_scales']} scales)"
-    ppl = int8.get("perplexity")
-    if isinstance(ppl, dict):
-        text += f"; perplexity {ppl['fp32']:.3f} -> {ppl['int8']:.3f} ({100 * ppl['relative_delta']:+.2f}%) on {ppl['eval_tokens']:,} val tokens"
-    else:
-        text += f"; perplexity {ppl}"
-    say(text)
-
-
-def _print_classifier_figures(figures: dict[str, Any]) -> None:
-    v = figures["verification"]
-    p = v["predictions"]
-    same = "identical" if p["identical"] else f"NOT identical ({p['first_difference']})"
-    say(f"predicted labels {same} on {p['compared']:,} texts ({v['inputs']}; batch sizes {', '.join(map(str, v['batch_sizes']))})")
-    int8 = figures.get("int8")
-    if not int8:
-        return
-    text = f"int8: {int8['file']} is {1 / int8['size_ratio']:.2f}x the fp32 size ({int8['weight_scales']} scales)"
-    acc, f1 = int8.get("accuracy"), int8.get("macro_f1")
-    if isinstance(acc, dict):
-        text += (f"; val accuracy {acc['fp32']:.4f} -> {acc['int8']:.4f}, macro-F1 {f1['fp32']:.4f} -> {f1['int8']:.4f}"
-                 f" on {int8['examples']:,} texts")
-    else:
-        text += f"; accuracy {acc}"
-    say(text + f"; predictions agree with fp32 on {100 * int8['agreement_with_fp32']:.2f}%")

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from llmctl.artifacts import ModelDir
 from llmctl.errors import LlmctlError
 
 
 def model_recipe_section(model_dir: Path, section: str) -> dict[str, Any]:
     """A section of the recipe a model was trained with, as its llmctl.json records it ({} if none)."""
     try:
-        recorded = json.loads((Path(model_dir) / "llmctl.json").read_text(encoding="utf-8")).get("recipe") or {}
+        recorded = json.loads(ModelDir(Path(model_dir)).provenance.read_text(encoding="utf-8")).get("recipe") or {}
     except (OSError, ValueError, AttributeError):
         return {}
     found = recorded.get(section)
@@ -35,7 +36,7 @@ def inputs_of(model_dir: Path, data: Path | None) -> list[tuple[str, Path]]:
     if data is not None:
         return [*inputs, ("--data", Path(data))]
     try:
-        recorded = json.loads((Path(model_dir) / "llmctl.json").read_text(encoding="utf-8"))["dataset"]["dir"]
+        recorded = json.loads(ModelDir(Path(model_dir)).provenance.read_text(encoding="utf-8"))["dataset"]["dir"]
     except (OSError, ValueError, KeyError, TypeError):
         return inputs
     return [*inputs, ("the model's dataset dir", Path(recorded))] if isinstance(recorded, str) else inputs

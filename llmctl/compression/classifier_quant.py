@@ -10,7 +10,6 @@ for (what the ONNX exporter traces).
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,11 +23,6 @@ from llmctl.models.quantized_classifiers import (
     dequantized_state_dict,
     quantization_entry,
 )
-
-
-def is_classifier(model: Any) -> bool:
-    """Whether `model` (a torch module or an ONNX wrapper) is a sequence classifier."""
-    return getattr(model, "task", None) == "classification"
 
 
 def check_classifier_scheme(scheme: str) -> None:
@@ -60,8 +54,10 @@ def quantize_classifier(model: nn.Module, scheme: str = SCHEME) -> nn.Module:
 
     `model.quantization` records the scheme for config.json, and its state dict is the stored layout.
     """
+    from llmctl.models.classifiers import GPTClassifier, RNNClassifier
+
     check_classifier_scheme(scheme)
-    if not is_classifier(model):
+    if not isinstance(model, (GPTClassifier, RNNClassifier)):
         raise LlmctlError(f"quantize_classifier takes a classifier, not {type(model).__name__}.")
     if getattr(model, "quantization", None):
         raise LlmctlError(

@@ -21,14 +21,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from llmctl.artifacts import staged_dir, usual_mode, write_atomic, write_json_atomic
+from llmctl.artifacts import HFModelDir, staged_dir, usual_mode, write_atomic, write_json_atomic
+from llmctl.compression.quantization import dequantize
 from llmctl.errors import LlmctlError
-from llmctl.export.onnx_export import ExportReport, fp32_model
+from llmctl.export.report import ExportReport
+from llmctl.export.source import float_model
 from llmctl.export.verify import ParityRow
 from llmctl.progress import Progress, silent_if_none
 from llmctl.models.hf import (
     O_PROJ_BIAS,
-    HFModelDir,
     hf_architecture,
     hf_config_from_gpt,
     hf_tokenizer_config,
@@ -62,10 +63,12 @@ def export_hf(
     (and export.json) say passed False, for the caller to exit 3 on. Bad input raises LlmctlError
     (exit 2) before any work; nothing is left under `out_dir` on an error.
     """
+    from llmctl.tasks import task_of_config
+
     out_dir = Path(out_dir)
     _check_request(loaded, out_dir, atol, eval_tokens)
     progress = silent_if_none(progress)
-    model, source_quantization = fp32_model(loaded)
+    model, source_quantization = float_model(loaded, dequantize)
     config = model.config.to_dict()
     seconds: dict[str, float] = {}
 
@@ -96,6 +99,7 @@ def export_hf(
         reference = "llmctl fp32" + (", dequantized from the model dir's integer weights" if source_quantization else "")
         manifest = {
             "format": "hf",
+            "task": task_of_config(loaded.config).name,
             "architecture": hf_config["architectures"][0],
             "source": {"model_dir": str(Path(loaded.path).resolve())},
             "source_quantization": source_quantization,
@@ -114,15 +118,26 @@ def export_hf(
     figures["verification"] = {k: v for k, v in manifest["verification"].items() if k not in ("passed", "failure", "rows")}
     paths = {"dir": str(out_dir), **{k: str(out_dir / name) for k, name in manifest["files"].items()},
              "export_json": str(HFModelDir(out_dir).manifest)}
-    return ExportReport(verification["passed"], verification["failure"], verification["rows"], figures, paths)
+    v, g, t = figures["verification"], verification["greedy"], verification["tokenizer"]
+    summary = [
+        f"inputs: {v['inputs']}, {v['window'][0]} x {v['window'][1]} tokens; greedy picks "
+        f"{'identical' if g['identical'] else 'DIFFER'} over {g['compared']} steps; AutoTokenizer ids "
+        f"{'identical' if t['identical'] else 'DIFFER'} on {t['texts']} texts",
+        f"wrote {out_dir} ({manifest['architecture']}: {', '.join(Path(p).name for k, p in paths.items() if k != 'dir')})",
+    ]
+    return ExportReport(verification["passed"], verification["failure"], verification["rows"], figures, paths,
+                        title=f"transformers {v['transformers_version']} vs llmctl", check="verification",
+                        summary=summary)
 
 
 def _check_request(loaded: Any, out_dir: Path, atol: float, eval_tokens: Any) -> None:
     """Refuse what cannot be exported, before any work, naming what to change."""
-    if getattr(loaded.model, "task", None) == "classification":
+    from llmctl.models.gpt import GPT
+
+    if not isinstance(loaded.model, GPT):
         raise LlmctlError(
-            f"--format hf: {loaded.path} is a classifier; the Hugging Face export writes causal language models "
-            "(LlamaForCausalLM) only. Export it with --format onnx."
+            f"--format hf: {loaded.path} is not a `gpt` language model; the Hugging Face export writes causal "
+            "language models (LlamaForCausalLM) only. Export it with --format onnx."
         )
     family = loaded.config.get("family", "gpt")
     if family != "gpt":

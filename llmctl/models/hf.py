@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmctl.artifacts import HFModelDir
 from llmctl.errors import LlmctlError
 
 HF_PREFIX = "hf:"
@@ -65,58 +65,13 @@ QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 _KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32}
 
 
-@dataclass(frozen=True)
-class HFModelDir:
-    """A Hugging Face model directory (what `save_pretrained` writes, and `llmctl export --format hf`)."""
-
-    path: Path
-
-    @property
-    def config(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def weights(self) -> Path:
-        return self.path / "model.safetensors"
-
-    @property
-    def weights_index(self) -> Path:
-        return self.path / "model.safetensors.index.json"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.path / "tokenizer.json"
-
-    @property
-    def tokenizer_config(self) -> Path:
-        return self.path / "tokenizer_config.json"
-
-    @property
-    def generation_config(self) -> Path:
-        return self.path / "generation_config.json"
-
-    @property
-    def manifest(self) -> Path:
-        """export.json: written by `llmctl export --format hf` only."""
-        return self.path / "export.json"
-
-
 # --- finding a checkpoint ----------------------------------------------------------------------------
 
 
 def is_hf_checkpoint(value: str) -> bool:
     """Whether `model.init_from` names an HF checkpoint: `hf:ORG/NAME`, or a directory whose config.json
     is HF's (a `model_type`, no llmctl `family`)."""
-    if value.startswith(HF_PREFIX):
-        return True
-    config = Path(value) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        obj = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(obj, dict) and "model_type" in obj and "family" not in obj
+    return value.startswith(HF_PREFIX) or HFModelDir(Path(value)).holds_hf_config()
 
 
 def resolve_hf_dir(value: str) -> Path:

@@ -9,20 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmctl.artifacts import ExportDir, ModelDir
+from llmctl.artifacts import ExportDir, HFModelDir, ModelDir, read_json_artifact
 from llmctl.errors import LlmctlError
 from llmctl.models.model_dir import LoadedModel
-
-
-def _is_hf_dir(path: Path) -> bool:
-    """A Hugging Face model dir: config.json with a `model_type` (llmctl's own config.json names a `family`)."""
-    import json
-
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "model_type" in config and "family" not in config
 
 
 def backend_of(path: Path) -> str:
@@ -31,7 +20,7 @@ def backend_of(path: Path) -> str:
     path = Path(path)
     if not path.is_dir():
         raise LlmctlError(f"{path}: no such directory; expected a model dir (runs/<name>/model) or an export dir.")
-    if _is_hf_dir(path):
+    if HFModelDir(path).holds_hf_config():
         return "hf"
     if ExportDir(path).is_export():
         return "onnxruntime"
@@ -61,14 +50,14 @@ def require_model_dir(path: str | Path, command: str) -> None:
             raise LlmctlError(f"{path}: a dataset dir (what `llmctl prepare` writes), not a model dir; {takes}.")
     if ExportDir(path).is_export():
         raise LlmctlError(f"{path}: an export dir; {takes}, such as the one it was exported from.")
-    if _is_hf_dir(path):
+    if HFModelDir(path).holds_hf_config():
         raise LlmctlError(f"{path}: a Hugging Face dir; {takes} (train one from it with model.init_from: {path}).")
     ModelDir(path).check()
 
 
 def load_for_inference(path: str | Path, *, onnx_file: str | None = None, spin_threads: bool = True) -> LoadedModel:
     """Load a model dir with torch, or an export dir with ONNX Runtime (CPU), as one LoadedModel
-    (`spin_threads`: see `llmctl.models.onnx_model.session_options`)."""
+    (`spin_threads`: see `llmctl.models.ort_session.session_options`)."""
     path = Path(path)
     backend = backend_of(path)
     if backend == "hf":
@@ -76,8 +65,6 @@ def load_for_inference(path: str | Path, *, onnx_file: str | None = None, spin_t
             raise LlmctlError(f"{path}: a Hugging Face dir has no ONNX graph; {onnx_file} applies to ONNX export dirs.")
         return load_hf_dir(path)
     if backend == "onnxruntime":
-        from llmctl.models.onnx_model import load_export_dir
-
         return load_export_dir(path, file=onnx_file or "model.onnx", spin_threads=spin_threads)
     if onnx_file:
         raise LlmctlError(f"{path}: a model dir has no ONNX graph; {onnx_file} applies to export dirs.")
@@ -86,13 +73,31 @@ def load_for_inference(path: str | Path, *, onnx_file: str | None = None, spin_t
     return load_model_dir(path)
 
 
+def load_export_dir(path: str | Path, file: str = "model.onnx", spin_threads: bool = True) -> LoadedModel:
+    """Open an export dir for inference: the graph `file` in ONNX Runtime (the model its task's export
+    module opens it as: `OnnxCausalLM`, `OnnxClassifier`), its tokenizer, config and provenance;
+    `spin_threads` as in `llmctl.models.ort_session.session_options`."""
+    from tokenizers import Tokenizer
+
+    from llmctl.models.ort_session import check_export_dir
+    from llmctl.tasks import task_of
+
+    layout = check_export_dir(Path(path), file)
+    model = task_of(layout.path).export.open_onnx(layout.path, file, spin_threads=spin_threads)
+    try:
+        tokenizer = Tokenizer.from_file(str(layout.tokenizer))
+    except Exception as e:  # tokenizers raises a bare Exception on a missing or bad file
+        raise LlmctlError(f"{layout.tokenizer}: not a readable tokenizer ({e}).") from None
+    provenance = read_json_artifact(layout.provenance, "export dir") if layout.provenance.is_file() else {}
+    return LoadedModel(model, dict(model.config), tokenizer, provenance, layout.path)
+
+
 def load_hf_dir(path: Path) -> LoadedModel:
     """A Llama/Mistral/Qwen2 Hugging Face dir as an llmctl `gpt` model (torch), its context its
     max_position_embeddings; refuses what the `gpt` family cannot reproduce, naming the fields."""
     from tokenizers import Tokenizer
 
-    from llmctl.artifacts import read_json_artifact
-    from llmctl.models.hf import HFModelDir, gpt_fields_from_hf, read_hf_config
+    from llmctl.models.hf import gpt_fields_from_hf, read_hf_config
     from llmctl.models.registry import build_model
     from llmctl.models.init_from import load_weights_into
 
@@ -105,6 +110,5 @@ def load_hf_dir(path: Path) -> LoadedModel:
     load_weights_into(model, layout.path)
     if not layout.tokenizer.is_file():
         raise LlmctlError(f"{layout.path}: no tokenizer.json; save the tokenizer with save_pretrained next to the model.")
-    provenance_file = layout.path / "llmctl.json"
-    provenance = read_json_artifact(provenance_file, "model dir") if provenance_file.is_file() else {}
+    provenance = read_json_artifact(layout.provenance, "model dir") if layout.provenance.is_file() else {}
     return LoadedModel(model.eval(), config, Tokenizer.from_file(str(layout.tokenizer)), provenance, layout.path)

@@ -61,12 +61,16 @@ class Task:
 
     @property
     def compression(self) -> ModuleType:
-        """`compress(loaded, options, ...) -> report`: prune and quantize a model dir of this task."""
+        """`compress(loaded, model_dir, out_dir, options, *, data, measure_speed, progress) -> report` prunes and
+        quantizes a model dir of this task (through compression.save); `report_rows(report)` and
+        `report_notes(report)` are the before/after table and the not-measured lines `compress` prints."""
         return self.stage("compression")
 
     @property
     def export(self) -> ModuleType:
-        """`export_onnx(loaded, out_dir, ...) -> report`: the ONNX graph, its wrapper and its parity check."""
+        """`export(loaded, out_dir, options, *, data, progress) -> ExportReport` writes the format the export
+        section names (`export_onnx`: the ONNX graph, its wrapper and its parity check, through
+        export.onnx_export); `open_onnx(export_dir, file, *, spin_threads)` runs an export dir's graph."""
         return self.stage("export")
 
     @property

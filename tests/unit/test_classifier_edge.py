@@ -192,7 +192,7 @@ def test_magnitude_pruning_of_a_recurrent_classifier_zeroes_its_recurrent_weight
 def exported(tmp_path_factory) -> dict[str, Path]:
     """lstm (bidirectional, 2 layers) and gpt classifier model dirs exported at the default opset."""
     from llmctl.data.tokenizer import train_tokenizer
-    from llmctl.export.onnx_export import export_onnx
+    from llmctl.tasks.classification.export import export_onnx
     from tests.conftest import generated_text
 
     root = tmp_path_factory.mktemp("classifier-export")
@@ -246,7 +246,7 @@ def test_load_for_inference_gives_an_onnx_classifier_that_matches_torch_and_igno
 
 
 def test_a_changed_torch_model_fails_classifier_parity_naming_logits(exported):
-    from llmctl.export.verify import verify_classifier_parity
+    from llmctl.tasks.classification.parity import verify_classifier_parity
     from llmctl.models.onnx_classifier import OnnxClassifier
 
     changed = trained("lstm")
@@ -259,7 +259,7 @@ def test_a_changed_torch_model_fails_classifier_parity_naming_logits(exported):
 
 
 def test_an_int8_classifier_dir_exports_as_the_float_model_of_its_weights(tiny_tokenizer_path, tmp_path):
-    from llmctl.export.onnx_export import export_onnx
+    from llmctl.tasks.classification.export import export_onnx
 
     loaded = load_model_dir(model_dir(quantize_classifier(trained("gru")), tmp_path, tiny_tokenizer_path))
     report = export_onnx(loaded, tmp_path / "onnx")
@@ -271,7 +271,7 @@ def test_an_int8_classifier_dir_exports_as_the_float_model_of_its_weights(tiny_t
 
 
 def test_a_classifier_export_refuses_an_opset_below_17_before_any_work(tiny_tokenizer_path, tmp_path):
-    from llmctl.export.onnx_export import export_onnx
+    from llmctl.tasks.classification.export import export_onnx
 
     loaded = load_model_dir(model_dir(trained("rnn"), tmp_path, tiny_tokenizer_path))
     with pytest.raises(LlmctlError, match="--opset 16: the exported graph needs opset 17 or newer"):

@@ -379,7 +379,7 @@ def test_export_that_disagrees_is_kept_and_reported_failed(tmp_path, monkeypatch
 
 
 def test_classifier_is_refused_naming_the_onnx_format(tmp_path):
-    from llmctl.export.hf_export import export_hf
+    from llmctl.tasks.classification.export import export_hf
     from llmctl.models.registry import build_model
 
     classifier = build_model({"family": "gpt", **TINY_MODEL, "num_classes": 2, "pad_id": 0})
@@ -390,7 +390,7 @@ def test_classifier_is_refused_naming_the_onnx_format(tmp_path):
 
 
 def test_onnx_export_keeps_the_attention_biases(tmp_path):
-    from llmctl.export.onnx_export import export_onnx
+    from llmctl.tasks.lm.export import export_onnx
     from llmctl.models.onnx_model import OnnxCausalLM
 
     loaded = model_dir(tmp_path, attention_bias=True)

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from llmctl.errors import LlmctlError
-from llmctl.export.onnx_export import export_onnx
-from llmctl.export.verify import verify_parity
+from llmctl.tasks.lm.export import export_onnx
+from llmctl.tasks.lm.parity import verify_parity
 from llmctl.models.generation import SamplingParams, generate
 from llmctl.models.gpt import GPT, GPTConfig
 from llmctl.models.model_dir import LoadedModel, load_model_dir, save_model_dir
-from llmctl.models.onnx_model import OnnxCausalLM, load_export_dir
+from llmctl.models.loading import load_export_dir
+from llmctl.models.onnx_model import OnnxCausalLM
 from tests.conftest import TINY_MODEL, generated_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -275,7 +276,7 @@ def test_load_export_dir_refuses_a_model_dir_and_a_missing_graph(exported, tmp_p
 
 
 def test_comparisons_open_onnx_runtime_without_busy_waiting_threads() -> None:
-    from llmctl.models.onnx_model import session_options
+    from llmctl.models.ort_session import session_options
 
     quiet = session_options(spin_threads=False)
     assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -113,7 +113,7 @@ def test_quantization_counts_every_tensor() -> None:
 
 
 def test_parity_counts_its_steps() -> None:
-    from llmctl.export.verify import verify_parity
+    from llmctl.tasks.lm.parity import verify_parity
 
     model = _tiny_gpt()
     seen: list[tuple] = []

@@ -8,7 +8,17 @@ import re
 import pytest
 from rich.console import Console
 
-from llmctl.cli.compress import classifier_report_table, report_table, speed_change
+from llmctl.cli.compress import compression_table
+from llmctl.compression.summary import speed_change
+from llmctl.tasks import task_named
+
+
+def report_table(report: dict):
+    return compression_table(report, task_named("lm"))
+
+
+def classifier_report_table(report: dict):
+    return compression_table(report, task_named("classification"))
 
 
 def _render(table) -> str:
@@ -65,7 +75,7 @@ def test_rounds_that_disagree_mark_a_model_as_disturbed(monkeypatch):
 
 
 def test_a_classifier_round_that_disagrees_is_marked(monkeypatch):
-    from llmctl.compression import classifier_pipeline
+    from llmctl.tasks.classification import profile as classifier_pipeline
 
     class Clock:
         now = 0.0
@@ -89,7 +99,7 @@ def test_a_classifier_round_that_disagrees_is_marked(monkeypatch):
 
 
 def test_eval_compare_marks_disturbed_rows_and_says_why():
-    from llmctl.cli.eval import compare_table
+    from llmctl.cli.eval_tables import compare_table
 
     row = {"name": "runs/a/model", "backend": "torch", "perplexity": 40.0, "perplexity_change_pct": 0.0,
            "size_bytes": 5_000_000, "forward_ms": 21.06, "generate_tokens_per_s": 900.0,
