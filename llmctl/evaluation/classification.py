@@ -13,15 +13,12 @@ import io
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from llmctl.artifacts import write_atomic
 from llmctl.errors import LlmctlError
-
-if TYPE_CHECKING:
-    from rich.table import Table
 
 PROBABILITY_DIGITS = 6
 # Softmax outputs sum to 1 up to float error (float16 and quantized models drift
@@ -131,42 +128,6 @@ def f1_key_figures(metrics: dict[str, Any]) -> dict[str, float]:
         "val_precision": macro["precision"],
         "val_recall": macro["recall"],
     }
-
-
-def confusion_table(metrics: dict[str, Any]) -> Table:
-    """The confusion matrix as a rich table: one row per true label, one column per predicted label."""
-    from rich.table import Table
-    from rich.text import Text
-
-    title = "Confusion matrix (rows: true labels)"
-    table = Table(title=title, min_width=len(title) + 2)  # a title wrapped over a narrow matrix misreads
-    table.add_column("true \\ predicted", style="bold")
-    for name in metrics["labels"]:
-        table.add_column(Text(name), justify="right")
-    for i, (name, row) in enumerate(zip(metrics["labels"], metrics["confusion"])):
-        cells = [Text(str(c), style="bold green" if j == i else "") for j, c in enumerate(row)]
-        table.add_row(Text(name), *cells)
-    return table
-
-
-def per_class_table(metrics: dict[str, Any]) -> Table:
-    """Precision, recall, F1 and support per class, then accuracy, macro and weighted averages."""
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title=f"Classification report ({metrics['examples']} examples)")
-    table.add_column("label")
-    for column in ("precision", "recall", "f1", "support"):
-        table.add_column(column, justify="right")
-    for name, m in metrics["per_class"].items():
-        table.add_row(Text(name), f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
-    table.add_section()
-    n = str(metrics["examples"])
-    table.add_row("accuracy", "", "", f"{metrics['accuracy']:.4f}", n, style="bold")
-    for row in ("macro", "weighted"):
-        m = metrics[row]
-        table.add_row(f"{row} avg", f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", n)
-    return table
 
 
 def save_confusion_png(metrics: dict[str, Any], path: Path, title: str | None = None) -> Path:

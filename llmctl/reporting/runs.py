@@ -1,4 +1,5 @@
-"""The report of one run dir: its metrics.jsonl summed up and drawn (loss, lr, throughput, gradient norm)."""
+"""The report of one run dir: its metrics.jsonl summed up and drawn (loss, lr, throughput, gradient norm),
+and what its task adds (`RUN` of `llmctl.tasks.<task>.reporting`: a classifier's accuracy and F1)."""
 
 from __future__ import annotations
 
@@ -12,24 +13,25 @@ from llmctl.artifacts import RunDir, iter_jsonl
 from llmctl.errors import LlmctlError
 from llmctl.reporting.html import Page, Plot, write_page
 from llmctl.reporting.layout import ReportFiles
-
-CLASSIFIER_METRICS = ("val_accuracy", "val_f1")
+from llmctl.tasks import Task, task_of
 
 
 @dataclass
 class RunMetrics:
-    """The rows of a metrics.jsonl, split by kind and sorted by step."""
+    """The rows of a metrics.jsonl, split by kind and sorted by step, and the run's task."""
 
     source: Path
     steps: list[dict[str, Any]]  # training rows: step, tokens, loss, lr, grad_norm, tokens_per_s, elapsed_s
     evals: list[dict[str, Any]]  # eval rows: step, tokens, val_loss, val_ppl or val_accuracy/val_f1/..., elapsed_s
+    task: Task
 
     @property
-    def task(self) -> str:
-        return "classifier" if any("val_accuracy" in r for r in self.evals) else "lm"
+    def panels(self) -> Any:
+        """What the task adds to the report (reporting.panels.RunPanels)."""
+        return self.task.reporting.RUN
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -38,9 +40,9 @@ def read_run_metrics(run_dir: Path) -> RunMetrics:
     rd = RunDir(Path(run_dir))
     if not rd.metrics.is_file():
         raise LlmctlError(f"{rd.path}: no metrics.jsonl; a run dir is what `llmctl train` writes to runs/<name>/.")
-    rows = [r for r in iter_jsonl(rd.metrics) if isinstance(r, dict) and _number(r.get("step")) and "event" not in r]
-    steps = sorted((r for r in rows if _number(r.get("loss"))), key=lambda r: r["step"])
-    evals = sorted((r for r in rows if _number(r.get("val_loss"))), key=lambda r: r["step"])
+    rows = [r for r in iter_jsonl(rd.metrics) if isinstance(r, dict) and is_number(r.get("step")) and "event" not in r]
+    steps = sorted((r for r in rows if is_number(r.get("loss"))), key=lambda r: r["step"])
+    evals = sorted((r for r in rows if is_number(r.get("val_loss"))), key=lambda r: r["step"])
     if not steps and not evals:
         if not rd.metrics.read_text(encoding="utf-8", errors="replace").strip():
             raise LlmctlError(f"{rd.metrics}: empty; the run has logged no step yet (it logs every train.log_every steps).")
@@ -48,29 +50,29 @@ def read_run_metrics(run_dir: Path) -> RunMetrics:
             f"{rd.metrics}: no step rows (step, loss, ...) or eval rows (step, val_loss, ...); "
             "is this the metrics.jsonl of `llmctl train`?"
         )
-    return RunMetrics(rd.metrics, steps, evals)
+    return RunMetrics(rd.metrics, steps, evals, task_of(rd.path))
 
 
-def _best(rows: list[dict[str, Any]], key: str, *, highest: bool) -> dict[str, Any] | None:
+def best_row(rows: list[dict[str, Any]], key: str, *, highest: bool) -> dict[str, Any] | None:
     """The earliest row with the lowest (or highest) finite `key`."""
-    scored = [r for r in rows if _number(r.get(key)) and math.isfinite(r[key])]
+    scored = [r for r in rows if is_number(r.get(key)) and math.isfinite(r[key])]
     if not scored:
         return None
     return (max if highest else min)(scored, key=lambda r: r[key])
 
 
 def summarize_run(metrics: RunMetrics) -> dict[str, Any]:
-    """The run's headline figures: steps, tokens, seconds, final and best losses (and classifier metrics)."""
+    """The run's headline figures: steps, tokens, seconds, final and best losses, then its task's."""
     rows = metrics.steps + metrics.evals
     last_step = metrics.steps[-1] if metrics.steps else None
     last_eval = metrics.evals[-1] if metrics.evals else None
-    best = _best(metrics.evals, "val_loss", highest=False)
-    speeds = [r["tokens_per_s"] for r in metrics.steps if _number(r.get("tokens_per_s"))]
+    best = best_row(metrics.evals, "val_loss", highest=False)
+    speeds = [r["tokens_per_s"] for r in metrics.steps if is_number(r.get("tokens_per_s"))]
     summary: dict[str, Any] = {
-        "task": metrics.task,
+        "task": metrics.panels.label,
         "steps": max(r["step"] for r in rows),
-        "tokens": max((r["tokens"] for r in rows if _number(r.get("tokens"))), default=None),
-        "elapsed_s": max((r["elapsed_s"] for r in rows if _number(r.get("elapsed_s"))), default=None),
+        "tokens": max((r["tokens"] for r in rows if is_number(r.get("tokens"))), default=None),
+        "elapsed_s": max((r["elapsed_s"] for r in rows if is_number(r.get("elapsed_s"))), default=None),
         "final_loss": last_step["loss"] if last_step else None,
         "evals": len(metrics.evals),
         "final_val_loss": last_eval["val_loss"] if last_eval else None,
@@ -78,17 +80,7 @@ def summarize_run(metrics: RunMetrics) -> dict[str, Any]:
         "best_val_step": best["step"] if best else None,
         "median_tokens_per_s": statistics.median(speeds) if speeds else None,
     }
-    if metrics.task == "lm":
-        summary["final_val_ppl"] = last_eval.get("val_ppl") if last_eval else None
-        summary["best_val_ppl"] = best.get("val_ppl") if best else None
-    else:
-        summary["examples"] = max((r["examples"] for r in rows if _number(r.get("examples"))), default=None)
-        for key in CLASSIFIER_METRICS:
-            top = _best(metrics.evals, key, highest=True)
-            summary[f"final_{key}"] = last_eval.get(key) if last_eval else None
-            summary[f"best_{key}"] = top[key] if top else None
-            summary[f"best_{key}_step"] = top["step"] if top else None
-    return summary
+    return {**summary, **metrics.panels.summarize(metrics, summary)}
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -105,8 +97,9 @@ def _g(value: Any, digits: int = 4) -> str:
     return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else f"{value:,}")
 
 
-def run_facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """The summary as (label, text) lines, for the HTML page and the terminal alike."""
+def run_facts(summary: dict[str, Any], panels: Any) -> list[tuple[str, str]]:
+    """The summary as (label, text) lines, for the HTML page and the terminal alike (`examples` and a
+    lowest loss's perplexity where the task's summary has them, its own lines before the throughput)."""
     facts = [
         ("steps", _g(summary["steps"])),
         ("tokens", _g(summary["tokens"])),
@@ -118,35 +111,32 @@ def run_facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
     if summary["best_val_loss"] is not None:
         ppl = f", perplexity {summary['best_val_ppl']:.3f}" if summary.get("best_val_ppl") is not None else ""
         facts.append(("lowest val loss", f"{summary['best_val_loss']:.4f} at step {summary['best_val_step']:,}{ppl}"))
-    for key in CLASSIFIER_METRICS:
-        if summary.get(f"best_{key}") is not None:
-            name = key.removeprefix("val_").replace("f1", "macro-F1")
-            facts.append((f"best val {name}", f"{summary[f'best_{key}']:.4f} at step {summary[f'best_{key}_step']:,}"))
+    facts += panels.facts(summary)
     if summary["median_tokens_per_s"] is not None:
         facts.append(("throughput", f"{summary['median_tokens_per_s']:,.0f} tokens/s (median)"))
     return facts
 
 
-def _column(rows: list[dict[str, Any]], key: str) -> list[Any]:
+def column(rows: list[dict[str, Any]], key: str) -> list[Any]:
     return [r.get(key) for r in rows]
 
 
 def plot_run(metrics: RunMetrics, files: ReportFiles) -> list[Plot]:
-    """Loss against steps and tokens, learning rate, tokens/s, gradient norm, and classifier metrics."""
-    from llmctl.reporting.plots import SECOND, TRAIN, VAL, finite, log_if_wide, new_figure, save_png
+    """Loss against steps and tokens, learning rate, tokens/s, gradient norm, then the task's plots."""
+    from llmctl.reporting.plots import TRAIN, VAL, finite, log_if_wide, new_figure, save_png
 
     steps, evals = metrics.steps, metrics.evals
     plots: list[Plot] = []
 
-    have_tokens = any(_number(r.get("tokens")) for r in steps + evals)
+    have_tokens = any(is_number(r.get("tokens")) for r in steps + evals)
     fig, axes = new_figure(2 if have_tokens else 1)
     for ax, x in zip(axes, ("step", "tokens")):
-        ax.plot(*finite(_column(steps, x), _column(steps, "loss")), color=TRAIN, lw=1.5, label="train loss",
+        ax.plot(*finite(column(steps, x), column(steps, "loss")), color=TRAIN, lw=1.5, label="train loss",
                 marker="o" if len(steps) == 1 else None)
         if evals:
-            ax.plot(*finite(_column(evals, x), _column(evals, "val_loss")), color=VAL, lw=1.5, marker="o", ms=4, label="val loss")
+            ax.plot(*finite(column(evals, x), column(evals, "val_loss")), color=VAL, lw=1.5, marker="o", ms=4, label="val loss")
         ax.set_xlabel("tokens seen" if x == "tokens" else "optimizer step")
-        ax.set_ylabel("loss (nats per token)" if metrics.task == "lm" else "loss (nats per example)")
+        ax.set_ylabel(f"loss (nats per {metrics.panels.loss_unit})")
         ax.set_title(f"loss against {'tokens' if x == 'tokens' else 'steps'}")
         ax.legend()
     plots.append(Plot("Loss", save_png(fig, files.plot("loss")), "Training loss (mean over each logging window) and validation loss."))
@@ -157,7 +147,7 @@ def plot_run(metrics: RunMetrics, files: ReportFiles) -> list[Plot]:
         ("grad_norm", "gradient norm", "grad-norm", "Gradient norm", "Global gradient norm before clipping."),
     ]
     for key, label, name, title, caption in single:
-        xs, ys = finite(_column(steps, "step"), _column(steps, key))
+        xs, ys = finite(column(steps, "step"), column(steps, key))
         if not ys:
             continue
         fig, (ax,) = new_figure()
@@ -169,20 +159,7 @@ def plot_run(metrics: RunMetrics, files: ReportFiles) -> list[Plot]:
         ax.set_title(title.lower())
         plots.append(Plot(title, save_png(fig, files.plot(name)), caption))
 
-    if metrics.task == "classifier":
-        fig, (ax,) = new_figure()
-        for key, color, label in (("val_accuracy", VAL, "accuracy"), ("val_f1", SECOND, "macro-F1")):
-            xs, ys = finite(_column(evals, "step"), _column(evals, key))
-            if ys:
-                ax.plot(xs, ys, color=color, lw=1.5, marker="o", ms=4, label=label)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("validation score")
-        ax.set_title("validation accuracy and macro-F1")
-        ax.legend()
-        plots.append(Plot("Validation accuracy and F1", save_png(fig, files.plot("val-metrics")),
-                          "On the val split at each evaluation."))
-    return plots
+    return plots + metrics.panels.plots(metrics, files)
 
 
 def report_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
@@ -196,8 +173,8 @@ def report_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
     recipe = RunDir(run_dir).recipe
     page = Page(
         title=f"Run {run_dir.resolve().name}",
-        subtitle=f"{run_dir} ({'classifier' if summary['task'] == 'classifier' else 'language model'}), from {metrics.source.name}",
-        facts=run_facts(summary),
+        subtitle=f"{run_dir} ({metrics.panels.kind}), from {metrics.source.name}",
+        facts=run_facts(summary, metrics.panels),
         plots=plots,
         texts=[("recipe.yaml", recipe.read_text(encoding="utf-8"))] if recipe.is_file() else [],
     )

@@ -56,7 +56,9 @@ class Task:
 
     @property
     def evaluation(self) -> ModuleType:
-        """`evaluate(request) -> report` scores one model; `compare(request) -> report` profiles several."""
+        """`evaluate(request, progress) -> EvalOutcome` scores one model, its gates judged; `compare(request,
+        progress) -> EvalOutcome` profiles several; `refuse_options(request)` refuses what the task does not
+        take (llmctl.evaluation.request: EvalRequest, EvalOutcome)."""
         return self.stage("evaluation")
 
     @property
@@ -75,10 +77,14 @@ class Task:
 
     @property
     def serving(self) -> ModuleType:
-        """`runner(loaded, options)` and `router(state)`: the model's runner and the HTTP routes it answers."""
+        """Before listening: `describe(config, tokenizer, where, what) -> ServedShape`, `refuse_options(options,
+        info)`, `state_fields(info, options)`, `kind_note(info)`, `ROUTES`; once loaded, `start_runner(model,
+        state, options) -> (Runner, detail)`; the app mounts `router(state)` (its POST `ENDPOINTS`) and asks
+        `model_card(state)` and `wrong_endpoint(state, path)` (llmctl.serving: model_info, runner, state)."""
         return self.stage("serving")
 
     @property
     def reporting(self) -> ModuleType:
-        """`panels(...)`: the figures and plots `llmctl report` shows for a run of this task."""
+        """`RUN` (reporting.panels.RunPanels): the figures and plots `llmctl report` adds for a run of this task;
+        `COMPARE` (ComparePanels): the quality axes and table of a compare of its models."""
         return self.stage("reporting")

@@ -13,11 +13,10 @@ import pytest
 from rich.console import Console
 
 from llmctl.errors import LlmctlError
+from llmctl.cli.eval_tables import confusion_table, per_class_table
 from llmctl.evaluation.classification import (
     classification_metrics,
-    confusion_table,
     f1_key_figures,
-    per_class_table,
     prediction_row,
     save_confusion_png,
     write_predictions_jsonl,

@@ -17,6 +17,7 @@ import pytest
 from llmctl.errors import EXIT_BAD_INPUT, LlmctlError
 from llmctl.reporting.layout import ReportFiles, next_compare_dir
 from llmctl.reporting.plots import SECOND, TRAIN, VAL, model_colour
+from llmctl.tasks import task_named
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -94,9 +95,9 @@ def lm_rows(steps: int = 60, eval_every: int = 10) -> list[dict]:
     return rows
 
 
-def write_run(run_dir: Path, rows: list[dict], tail: str = "") -> Path:
+def write_run(run_dir: Path, rows: list[dict], tail: str = "", task: str = "lm") -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text("run: {name: hand}\n", encoding="utf-8")
+    (run_dir / "recipe.yaml").write_text(f"run: {{name: hand}}\ndata: {{task: {task}}}\n", encoding="utf-8")
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail, encoding="utf-8")
     return run_dir
 
@@ -173,7 +174,7 @@ def test_a_classifier_run_reports_accuracy_and_f1(tmp_path: Path) -> None:
             rows.append({"step": step, "tokens": step * 300, "val_loss": 0.7 - step / 400, "val_accuracy": acc,
                          "val_f1": acc - 0.01, "val_precision": acc, "val_recall": acc, "elapsed_s": step / 50,
                          "examples": step * 32, "best_val_loss": 0.5, "best_val_f1": 0.9})
-    result = report_run(write_run(tmp_path / "cls", rows))
+    result = report_run(write_run(tmp_path / "cls", rows, task="classification"))
     assert result["task"] == "classifier" and result["examples"] == 100 * 32
     assert result["best_val_accuracy"] == 0.95 and result["best_val_accuracy_step"] == 80
     assert result["best_val_f1"] == pytest.approx(0.94) and result["best_val_f1_step"] == 80
@@ -340,7 +341,7 @@ CLASSIFIER_COMPARE = {
 def test_compare_plots_size_and_latency_against_perplexity(tmp_path: Path) -> None:
     from llmctl.reporting.compare import report_compare
 
-    result = report_compare(LM_COMPARE, tmp_path / "c", classifier=False)
+    result = report_compare(LM_COMPARE, tmp_path / "c", task_named("lm"))
     plots = result["files"]["plots"]
     assert set(plots) == {"size-vs-perplexity", "latency-vs-perplexity"}
     for i in range(4):  # each model in its own colour: its point and its legend entry
@@ -355,7 +356,7 @@ def test_compare_plots_size_and_latency_against_perplexity(tmp_path: Path) -> No
 def test_compare_of_classifiers_plots_accuracy_and_macro_f1(tmp_path: Path) -> None:
     from llmctl.reporting.compare import report_compare
 
-    result = report_compare(CLASSIFIER_COMPARE, tmp_path / "c", classifier=True)
+    result = report_compare(CLASSIFIER_COMPARE, tmp_path / "c", task_named("classification"))
     plots = result["files"]["plots"]
     assert set(plots) == {"size-vs-accuracy", "latency-vs-accuracy"}
     for path in plots.values():
@@ -385,7 +386,7 @@ def test_compare_plots_name_every_model_in_a_legend_with_its_own_colour(tmp_path
 
     figures = _drawn_figures(monkeypatch)
     copy = {**LM_COMPARE["rows"][0], "name": "out/a-copy", "timing_spread": 4.2, "timing_disturbed": True}
-    result = report_compare({**LM_COMPARE, "rows": [*LM_COMPARE["rows"], copy]}, tmp_path / "c", classifier=False)
+    result = report_compare({**LM_COMPARE, "rows": [*LM_COMPARE["rows"], copy]}, tmp_path / "c", task_named("lm"))
     (ax,) = figures["report-size-vs-perplexity"].axes
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["runs/a/model", "out/a-int8", "out/a-onnx [onnxruntime]", "out/a-onnx [onnxruntime-int8]", "out/a-copy"]
@@ -406,7 +407,7 @@ def test_classifier_compare_legend_names_models_and_the_two_scores(tmp_path: Pat
     from llmctl.reporting.compare import report_compare
 
     figures = _drawn_figures(monkeypatch)
-    report_compare(CLASSIFIER_COMPARE, tmp_path / "c", classifier=True)
+    report_compare(CLASSIFIER_COMPARE, tmp_path / "c", task_named("classification"))
     (ax,) = figures["report-size-vs-accuracy"].axes
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["runs/s/model", "out/s-int8", "accuracy", "macro-F1"]
     assert ax.get_xlabel() == "weights on disk (KiB)"  # 90 KB: small models read in KiB

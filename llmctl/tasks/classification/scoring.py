@@ -1,10 +1,11 @@
-"""`llmctl eval` of a classifier: accuracy, precision, recall and F1 on labelled texts, and predictions.
+"""A classifier scored on labelled texts: the texts as the model reads them, its probabilities a batch at a
+time, and accuracy, precision, recall and F1 (llmctl.evaluation.classification) behind them.
 
 The texts come from the val (or train) split of the dataset dir the model was trained on, another
-classification dataset dir (`--data DIR`), or a labelled CSV/JSONL file (`--data FILE`, tokenized here
-exactly as `prepare` did: the model's tokenizer, truncated to its max_len). Works on any model that
-`load_for_inference` returns with `task == "classification"` (torch model dirs, quantized or not, and
-ONNX Runtime export dirs).
+classification dataset dir, or a labelled CSV/JSONL file (tokenized here exactly as `prepare` did: the
+model's tokenizer, truncated to its max_len). Works on any classifier `load_for_inference` returns
+(torch model dirs, quantized or not, and ONNX Runtime export dirs). `eval`, `eval --compare`,
+`compress` and `export`'s parity check score through here.
 """
 
 from __future__ import annotations
