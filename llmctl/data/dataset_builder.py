@@ -106,11 +106,12 @@ class DatasetBuild:
 
     def counter(self, stage: str, total: int | None) -> Callable[[int], None]:
         """A callback that adds the bytes it is given to `stage`'s count and reports it against `total`."""
-        done = [0]
+        done = 0
 
         def add(n: int) -> None:
-            done[0] += n
-            self.report(stage, done[0], total)
+            nonlocal done
+            done += n
+            self.report(stage, done, total)
 
         return add
 

@@ -11,14 +11,13 @@ restore of a resumed run and the opening of the run dir; `train()` is the loop o
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 from llmctl import __version__
 from llmctl.artifacts import RunDir, WriteFailed, remove_path, write_atomic, writing
@@ -30,11 +29,6 @@ from llmctl.training.state import EarlyStopping, TrainState
 
 class TrainCallbacks:
     """Hooks the CLI uses to draw progress; every method is optional."""
-
-    def preparing(self) -> ContextManager[Any]:
-        """A context manager around `prepare` (train_run's first stage) whose value's `update(stage, done,
-        total)` draws its progress; None draws nothing."""
-        return contextlib.nullcontext(None)
 
     def on_start(self, info: dict[str, Any]) -> None: ...
 
