@@ -8,6 +8,7 @@ trainer.py is the same for every task and never asks which one it runs.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
 from llmctl.config.schema import Recipe
@@ -17,9 +18,10 @@ from llmctl.errors import LlmctlError
 Evaluator = Callable[[Any, Any], dict[str, float]]
 
 
-class TaskData:
-    """A task's dataset as the trainer reads it. Subclasses open the dataset and implement the methods
-    that raise NotImplementedError; the others have the defaults most tasks want."""
+class TaskData(ABC):
+    """A task's dataset as the trainer reads it. Subclasses open the dataset and implement the abstract
+    methods (a task missing one fails when its TrainingData is made, not mid-run); the others have the
+    defaults most tasks want."""
 
     # Metrics rows and the result count examples as well as tokens (a language model's counts tokens only).
     counts_examples: ClassVar[bool] = True
@@ -31,37 +33,37 @@ class TaskData:
         self.tokenizer_path = dataset.tokenizer_path
         self.fingerprint: str | None = dataset.fingerprint
 
+    @abstractmethod
     def model_shape(self) -> Any:
         """The shape of the model to build (a GPTConfig, GPTClassifierConfig or RNNConfig)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def train_examples(self) -> int:
         """Examples in the train split: what one epoch means (train.epochs)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def batches(self, batch_size: int, seed: int) -> Any:
         """The train split's batches, addressed by step: `micro_batches(step, rank, world, micro)`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def tokens_in(self, batch: Any) -> int:
         """Real tokens in one micro-batch (padding not counted)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, model: Any, batch: Any, accelerator: Any = None) -> Any:
         """The loss of one micro-batch, a scalar tensor; the mean of a step's micro-batches is the step's."""
-        raise NotImplementedError
 
+    @abstractmethod
     def make_evaluator(self, micro: int, rank: int, world: int) -> Evaluator:
         """The val split's evaluator for this process (`rank` of `world`, `micro` rows at a time)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def info(self) -> dict[str, Any]:
         """What the run's start reports about the data (sizes of the splits, classes)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def describe_step(self, batch_size: int) -> str:
         """What one optimizer step trains on, for the line the run starts with: "4,096 tokens/step"."""
-        raise NotImplementedError
 
     def step_tokens(self, batch_size: int) -> int | None:
         """Tokens of every step when they are known in advance (full windows), else None: the real
