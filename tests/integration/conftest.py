@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_process import run_llmctl
+
 WORDS = (
     "def return class import self if else elif for while in not and or None True False print value key "
     "data list dict range len yield lambda try except raise with as pass break continue"
@@ -65,18 +67,27 @@ def train_tiny(root: Path, max_steps: int = 10) -> Path:
     return root
 
 
-def _run(cwd: Path, env: dict[str, str], args: tuple[str, ...], check: bool, timeout: float) -> subprocess.CompletedProcess:
+# LLMCTL_TEST_SUBPROCESS=1 runs every command as a plain subprocess instead (slower, same results).
+FORK_FROM_SERVER = os.environ.get("LLMCTL_TEST_SUBPROCESS") != "1"
+
+
+def _run(cwd: Path, env: dict[str, str], args: tuple[str, ...], check: bool, timeout: float,
+         fork: bool = FORK_FROM_SERVER) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **env}
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmctl", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
-    )
+    if fork:
+        proc = run_llmctl(cwd, args, env, timeout)
+    else:
+        proc = subprocess.run(
+            [sys.executable, "-m", "llmctl", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+        )
     if check and proc.returncode != 0:
         raise AssertionError(f"llmctl {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
 
 
 def run_cli(cwd: Path, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run `python -m llmctl ARGS` in `cwd` as a user would, with output captured."""
+    """Run `python -m llmctl ARGS` in `cwd` as a user would, in its own process, with output captured
+    (forked from a server that has imported torch already: tests/cli_process.py)."""
     return _run(cwd, {}, args, check, timeout)
 
 
@@ -98,4 +109,4 @@ FAULTS = Path(__file__).resolve().parent / "faults"
 def run_cli_with(cwd: Path, env_extra: dict[str, str], *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real CLI with tests/integration/faults on PYTHONPATH (fault injection, tracing)."""
     path = os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))
-    return _run(cwd, {"PYTHONPATH": path, **env_extra}, args, check, timeout)
+    return _run(cwd, {"PYTHONPATH": path, **env_extra}, args, check, timeout, fork=False)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_process import run_llmctl
 from tests.integration.conftest import FAULTS, write_corpus
 
 ESC = "\x1b["
@@ -47,8 +48,7 @@ def llmctl(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: fl
     """The real command with stdout and stderr captured (so neither is a terminal) and NO_COLOR unset:
     being piped alone must keep escape codes out."""
     base = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "LLMCTL_QUIET", "CI")}
-    return subprocess.run([sys.executable, "-m", "llmctl", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**base, "COLUMNS": "200", **(env or {})})
+    return run_llmctl(cwd, args, {**base, "COLUMNS": "200", **(env or {})}, timeout)
 
 
 def one_object(proc: subprocess.CompletedProcess) -> dict:
