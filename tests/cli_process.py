@@ -91,9 +91,11 @@ def run_llmctl(cwd: Path, args: Sequence[str], env: dict[str, str], timeout: flo
     text=True, timeout=timeout)` would report it (TimeoutExpired after killing it, like subprocess.run).
 
     A command whose PYTHONPATH differs from this process's runs as a plain subprocess: what Python imports
-    at start-up (the fault-injection sitecustomize) cannot be added to a process that has started."""
+    at start-up (the fault-injection sitecustomize) cannot be added to a process that has started. So does
+    every command when LLMCTL_TEST_SUBPROCESS=1 is set, to check that the two ways agree."""
     command = [sys.executable, "-m", "llmctl", *args]
-    if env.get("PYTHONPATH") != os.environ.get("PYTHONPATH"):  # start-up hooks (tests/integration/faults)
+    start_up_hooks = env.get("PYTHONPATH") != os.environ.get("PYTHONPATH")  # tests/integration/faults
+    if start_up_hooks or os.environ.get("LLMCTL_TEST_SUBPROCESS") == "1":
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="llmctl-cli-") as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")

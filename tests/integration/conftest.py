@@ -6,7 +6,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,19 +66,8 @@ def train_tiny(root: Path, max_steps: int = 10) -> Path:
     return root
 
 
-# LLMCTL_TEST_SUBPROCESS=1 runs every command as a plain subprocess instead (slower, same results).
-FORK_FROM_SERVER = os.environ.get("LLMCTL_TEST_SUBPROCESS") != "1"
-
-
-def _run(cwd: Path, env: dict[str, str], args: tuple[str, ...], check: bool, timeout: float,
-         fork: bool = FORK_FROM_SERVER) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **env}
-    if fork:
-        proc = run_llmctl(cwd, args, env, timeout)
-    else:
-        proc = subprocess.run(
-            [sys.executable, "-m", "llmctl", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
-        )
+def _run(cwd: Path, env: dict[str, str], args: tuple[str, ...], check: bool, timeout: float) -> subprocess.CompletedProcess:
+    proc = run_llmctl(cwd, args, {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **env}, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"llmctl {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -109,4 +97,4 @@ FAULTS = Path(__file__).resolve().parent / "faults"
 def run_cli_with(cwd: Path, env_extra: dict[str, str], *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real CLI with tests/integration/faults on PYTHONPATH (fault injection, tracing)."""
     path = os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))
-    return _run(cwd, {"PYTHONPATH": path, **env_extra}, args, check, timeout, fork=False)
+    return _run(cwd, {"PYTHONPATH": path, **env_extra}, args, check, timeout)
