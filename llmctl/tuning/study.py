@@ -73,6 +73,9 @@ def open_storage(url: str, tune: TuneConfig) -> Any:
         return _rdb_storage(url, tune)
     except LlmctlError:
         raise
+    except ModuleNotFoundError as e:  # SQLAlchemy imports the URL's driver (postgresql:// means psycopg 3)
+        raise LlmctlError(f"--storage {url}: its database driver {e.name!r} is not installed (pip install "
+                          f"{e.name}; for psycopg2 write postgresql+psycopg2://...).") from None
     except Exception as e:  # sqlalchemy raises many kinds; the URL is what is wrong
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LlmctlError(f"--storage {url}: cannot be opened ({first[:300]}).") from None

@@ -177,3 +177,16 @@ def test_a_worker_leaving_gives_back_only_its_own_trial(tmp_path: Path) -> None:
     assert fail_dead_trials(study, storage, only_pid=os.getpid()) == [mine.number]
     assert study.get_trials()[other.number].state == optuna.trial.TrialState.RUNNING
     assert waiting_retries(study) == 1
+
+
+def test_a_storage_url_whose_driver_is_missing_names_the_driver_to_install() -> None:
+    # pg8000 is not a dependency: SQLAlchemy fails importing it before any connection is tried.
+    pytest.importorskip("sqlalchemy")
+    try:
+        import pg8000  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        pytest.skip("pg8000 is installed here")
+    with pytest.raises(LlmctlError, match=r"database driver 'pg8000' is not installed \(pip install pg8000"):
+        open_storage("postgresql+pg8000://user@127.0.0.1:1/db", TuneConfig())
