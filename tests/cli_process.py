@@ -19,12 +19,12 @@ What it cannot stand in for stays a real subprocess: commands started with a dif
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -33,18 +33,12 @@ from typing import Sequence
 PRELOAD = ["torch", "accelerate", "safetensors.torch", "tokenizers", "numpy", "yaml", "rich.console", "typer",
            "pydantic"]
 
-_CONTEXT: multiprocessing.context.BaseContext | None = None
-_LOCK = threading.Lock()
 
-
+@functools.cache
 def _context() -> multiprocessing.context.BaseContext:
-    global _CONTEXT
-    with _LOCK:
-        if _CONTEXT is None:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(PRELOAD)
-            _CONTEXT = context
-        return _CONTEXT
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 def _exit_status(code: object) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import socket
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -179,14 +180,9 @@ def test_a_worker_leaving_gives_back_only_its_own_trial(tmp_path: Path) -> None:
     assert waiting_retries(study) == 1
 
 
-def test_a_storage_url_whose_driver_is_missing_names_the_driver_to_install() -> None:
-    # pg8000 is not a dependency: SQLAlchemy fails importing it before any connection is tried.
-    pytest.importorskip("sqlalchemy")
-    try:
-        import pg8000  # noqa: F401
-    except ModuleNotFoundError:
-        pass
-    else:
-        pytest.skip("pg8000 is installed here")
+def test_a_storage_url_whose_driver_is_missing_names_the_driver_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes `import pg8000` raise ModuleNotFoundError, installed or not; SQLAlchemy
+    # imports the driver before any connection is tried.
+    monkeypatch.setitem(sys.modules, "pg8000", None)
     with pytest.raises(LlmctlError, match=r"database driver 'pg8000' is not installed \(pip install pg8000"):
         open_storage("postgresql+pg8000://user@127.0.0.1:1/db", TuneConfig())
