@@ -236,7 +236,11 @@ def _failure(code: int, error: BaseException, what: str, target: Path, *, kept: 
     `file`: the file being written, when the error itself names none."""
     cause, fix = _WRITE_ERRNOS[code]
     file = _failed_file(error) or file
-    named = f" ({Path(file).name})" if file and Path(file).name not in (Path(target).name, "") else ""
+    # write_atomic's temporary (.NAME.XXXX.tmp) is the target itself as far as the user is concerned
+    shown = Path(file).name if file else ""
+    if shown.startswith(f".{Path(target).name}.") and shown.endswith(".tmp"):
+        shown = ""
+    named = f" ({shown})" if shown and shown != Path(target).name else ""
     problem = f"cannot write {what}{named}: {cause}"
     if code in _SPACE_ERRNOS:
         from llmctl.units import human_bytes

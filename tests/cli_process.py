@@ -12,8 +12,11 @@ consoles read NO_COLOR and COLUMNS when made) is exactly what `python -m llmctl`
 runs `python -m llmctl`'s own entry (runpy, as `-m` does), prints an escaping exception as the interpreter
 would, runs the atexit handlers, and exits with the same status.
 
-What it cannot stand in for stays a real subprocess: commands started with a different PYTHONPATH
-(fault injection), killed or signalled ones (they need a Popen), and the packaging tests.
+A command whose PYTHONPATH adds folders in front of this process's (tests/integration/faults: fault
+injection through a `sitecustomize` that Python imports at start-up) is forked too: the child puts those
+folders first on sys.path and runs the first `sitecustomize.py` among them before llmctl, with its
+environment already set, as the interpreter would at start-up. What it cannot stand in for stays a real
+subprocess: any other PYTHONPATH, killed or signalled commands (they need a Popen), and the packaging tests.
 """
 
 from __future__ import annotations
@@ -51,7 +54,33 @@ def _exit_status(code: object) -> int:
     return 1
 
 
-def _run_llmctl(cwd: str, env: dict[str, str], args: list[str], stdout_path: str, stderr_path: str) -> None:
+def _added_path(env: dict[str, str]) -> list[str] | None:
+    """The folders `env`'s PYTHONPATH puts in front of this process's; None when it differs otherwise."""
+    ours = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    theirs = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if len(theirs) < len(ours) or theirs[len(theirs) - len(ours):] != ours:
+        return None
+    return theirs[: len(theirs) - len(ours)]
+
+
+def _run_start_up_hooks(folders: list[str]) -> None:
+    """What Python does at start-up with these folders on PYTHONPATH: they go first on sys.path, and the
+    first `sitecustomize.py` among them is imported (as `sitecustomize`)."""
+    import importlib.util
+
+    sys.path[0:0] = folders
+    for folder in folders:
+        path = Path(folder, "sitecustomize.py")
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("sitecustomize", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["sitecustomize"] = module
+            spec.loader.exec_module(module)
+            return
+
+
+def _run_llmctl(cwd: str, env: dict[str, str], args: list[str], stdout_path: str, stderr_path: str,
+                start_up_path: list[str]) -> None:
     """The child: become `python -m llmctl ARGS` in `cwd` with exactly `env`, then exit as it would."""
     import runpy
     import traceback
@@ -65,6 +94,7 @@ def _run_llmctl(cwd: str, env: dict[str, str], args: list[str], stdout_path: str
         os.close(target)
     sys.argv = ["llmctl", *args]
     try:
+        _run_start_up_hooks(start_up_path)
         runpy.run_module("llmctl", run_name="__main__", alter_sys=True)
         status = 0
     except SystemExit as e:
@@ -84,18 +114,19 @@ def run_llmctl(cwd: Path, args: Sequence[str], env: dict[str, str], timeout: flo
     """`python -m llmctl ARGS` in `cwd` with environment `env`, as `subprocess.run(..., capture_output=True,
     text=True, timeout=timeout)` would report it (TimeoutExpired after killing it, like subprocess.run).
 
-    A command whose PYTHONPATH differs from this process's runs as a plain subprocess: what Python imports
-    at start-up (the fault-injection sitecustomize) cannot be added to a process that has started. So does
-    every command when LLMCTL_TEST_SUBPROCESS=1 is set, to check that the two ways agree."""
+    A command whose PYTHONPATH is this process's with folders added in front runs their sitecustomize in
+    the forked child; with any other PYTHONPATH it runs as a plain subprocess, and so does every command
+    when LLMCTL_TEST_SUBPROCESS=1 is set, to check that the two ways agree."""
     command = [sys.executable, "-m", "llmctl", *args]
-    start_up_hooks = env.get("PYTHONPATH") != os.environ.get("PYTHONPATH")  # tests/integration/faults
-    if start_up_hooks or os.environ.get("LLMCTL_TEST_SUBPROCESS") == "1":
+    start_up_path = _added_path(env)
+    if start_up_path is None or os.environ.get("LLMCTL_TEST_SUBPROCESS") == "1":
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="llmctl-cli-") as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         out.touch()
         err.touch()
-        child = _context().Process(target=_run_llmctl, args=(str(cwd), dict(env), list(args), str(out), str(err)))
+        child = _context().Process(target=_run_llmctl, args=(str(cwd), dict(env), list(args), str(out), str(err),
+                                                                 start_up_path))
         child.start()
         child.join(timeout)
         if child.exitcode is None:

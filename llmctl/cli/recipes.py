@@ -50,15 +50,11 @@ def cp_cli(
     force: bool = typer.Option(False, "--force", "-f", help="Replace DEST if it exists."),
 ) -> None:
     """Copy a shipped recipe to a file you can edit; its run name becomes the file's stem (and its comments say so)."""
-    from llmctl.artifacts import write_atomic
     from llmctl.config.catalog import copy_recipe
 
     with reporting_errors():
-        written = copy_recipe(name, dest, force=force)
-        text = written.read_text(encoding="utf-8")
-        renamed = renamed_in_comments(text, name.removesuffix(".yaml"), written.stem)
-        if renamed != text:
-            write_atomic(written, renamed)
+        written = copy_recipe(name, dest, force=force,
+                              edit=lambda text, path: renamed_in_comments(text, name.removesuffix(".yaml"), path.stem))
         say(f"wrote {written}")
 
 

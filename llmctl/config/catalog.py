@@ -5,8 +5,8 @@ Kept free of pydantic and yaml so shell completion of recipe names stays instant
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+from typing import Callable
 
 from llmctl.errors import LlmctlError
 
@@ -49,14 +49,23 @@ def recipe_summary(path: Path) -> str:
     return ""
 
 
-def copy_recipe(name: str, dest: Path, *, force: bool = False) -> Path:
-    """Copy shipped recipe `name` to `dest` (a file, or a directory to put NAME.yaml in)."""
+def copy_recipe(name: str, dest: Path, *, force: bool = False,
+                edit: Callable[[str, Path], str] | None = None) -> Path:
+    """Copy shipped recipe `name` to `dest` (a file, or a directory to put NAME.yaml in), atomically;
+    `edit(text, written_path)` may change the text first. A full disk or a refused permission is a
+    one-line WriteFailed, and an earlier file at `dest` is left as it was."""
+    from llmctl.artifacts import write_atomic, writing
+
     src = recipe_path(name)
     dest = Path(dest)
     if dest.is_dir():
         dest = dest / src.name
     if dest.exists() and not force:
         raise LlmctlError(f"{dest} already exists; pass --force to replace it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
+    text = src.read_text(encoding="utf-8")
+    if edit is not None:
+        text = edit(text, dest)
+    kept = f"The earlier {dest} is unchanged." if dest.exists() else ""
+    with writing(f"the recipe {dest}", dest, kept=kept):
+        write_atomic(dest, text)
     return dest

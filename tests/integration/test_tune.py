@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.integration.conftest import assert_clean_failure, run_cli
+from tests.integration.conftest import FAULTS, assert_clean_failure, run_cli
 
 TUNE = """\
 run: {{seed: 0}}
@@ -100,8 +100,10 @@ def test_a_tiny_study_prunes_fails_divergence_and_finds_the_good_region(tune_dir
 
 
 def test_a_study_killed_with_sigkill_resumes_keeping_its_completed_trials(workdir: Path) -> None:
-    (workdir / "tune.yaml").write_text(TUNE.format(trials=6).replace("max_steps: 30", "max_steps: 600"))
-    env = {**os.environ, "NO_COLOR": "1"}
+    (workdir / "tune.yaml").write_text(TUNE.format(trials=6))
+    # Slow steps (injected) keep a trial running long enough to be killed in; the resume runs at full speed.
+    path = os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "NO_COLOR": "1", "PYTHONPATH": path, "LLMCTL_TEST_FAULT": "slow-forward:150"}
     parent = subprocess.Popen([sys.executable, "-m", "llmctl", "tune", "tune.yaml"], cwd=workdir, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = workdir / "runs/tune/study.db"

@@ -44,3 +44,43 @@ def test_a_command_past_its_timeout_is_killed_and_reported_as_subprocess_does(tm
     # 10 ms: less than importing llmctl's CLI takes, so the child is always still running.
     with pytest.raises(subprocess.TimeoutExpired):
         run_llmctl(tmp_path, ["serve", "no_such_dir", "--port", "0"], {**os.environ}, timeout=0.01)
+
+
+def _path_with(folder: Path) -> str:
+    return os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+
+
+def test_a_sitecustomize_added_in_front_of_pythonpath_runs_in_the_forked_child_as_at_start_up(tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, sys\nprint('start-up hook, quiet=' + os.environ.get('LLMCTL_QUIET', '-'), file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": _path_with(hooks), "LLMCTL_QUIET": "1"}
+    plain = subprocess.run([sys.executable, "-m", "llmctl", "--version"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+    forked = run_llmctl(tmp_path, ["--version"], env, timeout=120)
+    assert forked.stderr.startswith("start-up hook, quiet=1\n")
+    assert (forked.returncode, forked.stdout, forked.stderr) == (plain.returncode, plain.stdout, plain.stderr)
+
+
+def test_an_injected_full_disk_fails_the_forked_command_as_it_fails_the_subprocess(tmp_path: Path) -> None:
+    faults = Path(__file__).resolve().parents[1] / "integration" / "faults"
+    results = []
+    for name in ("plain", "forked"):
+        (tmp_path / name).mkdir()
+        env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "PYTHONPATH": _path_with(faults),
+               "LLMCTL_TEST_FAULT": f"write-fails:ENOSPC:{tmp_path / name}/*"}
+        args = ["recipes", "cp", "tiny-gpt", "mine.yaml"]
+        if name == "plain":
+            done = subprocess.run([sys.executable, "-m", "llmctl", *args], cwd=tmp_path / name, env=env,
+                                  capture_output=True, text=True, timeout=120)
+        else:
+            done = run_llmctl(tmp_path / name, args, env, timeout=120)
+        results.append((done.returncode, done.stdout, done.stderr.replace(name, "DIR")))
+    assert results[0] == results[1]
+    # `recipes cp` on a full disk: one line naming the file, exit 1, no traceback (and nothing left behind)
+    status, _, stderr = results[1]
+    assert status == 1 and "Traceback" not in stderr, stderr
+    assert stderr.startswith("error: cannot write the recipe mine.yaml: no space left on device"), stderr
+    assert not any((tmp_path / "forked").iterdir())

@@ -6,6 +6,8 @@ LLMCTL_TEST_TRACE is set:
 
   LLMCTL_TEST_FAULT=oom-above:N        a training forward with more than N rows raises torch.OutOfMemoryError
   LLMCTL_TEST_FAULT=nan-at:K           the K-th training forward returns NaN logits
+  LLMCTL_TEST_FAULT=slow-forward:MS    every training forward first sleeps MS milliseconds (a slow trial, cheaply: a test
+                                       can kill a run mid-trial without training hundreds of steps)
   LLMCTL_TEST_FAULT=die-before-rename:K  the K-th checkpoint dies (exit 137) after it is written, before its rename
   LLMCTL_TEST_FAULT=write-fails:ERRNO:GLOB[@N]  from the N-th (default 1st) write to a file whose absolute path matches
                                        GLOB (fnmatch) on, the write fails with ERRNO (ENOSPC or EACCES), as a full disk or
@@ -21,6 +23,7 @@ LLMCTL_TEST_TRACE is set:
 import json
 import os
 import sys
+import time
 
 _fault = os.environ.get("LLMCTL_TEST_FAULT", "")
 _trace = os.environ.get("LLMCTL_TEST_TRACE", "")
@@ -66,7 +69,7 @@ def _install() -> None:
         _install_write_failures(arg)
         return
     n = int(arg)
-    if kind in {"oom-above", "nan-at"}:
+    if kind in {"oom-above", "nan-at", "slow-forward"}:
         import torch
 
         from llmctl.models import gpt
@@ -77,6 +80,8 @@ def _install() -> None:
         def faulty(self, input_ids, *args, **kwargs):
             if self.training:
                 calls[0] += 1
+                if kind == "slow-forward":
+                    time.sleep(n / 1000)
                 if kind == "oom-above" and input_ids.shape[0] > n:
                     raise torch.OutOfMemoryError(f"injected: {input_ids.shape[0]} rows > {n}")
                 if kind == "nan-at" and calls[0] == n:
@@ -159,8 +164,22 @@ def _install_write_failures(spec: str) -> None:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5120 vs 5012")
         return save(obj, f, *args, **kwargs)
 
-    safetensors.torch.save_file, torch.save = failing_save_file, failing_save
+    _replace_everywhere(save_file, failing_save_file)
+    _replace_everywhere(save, failing_save)
     sys.addaudithook(audit)
+
+
+def _replace_everywhere(original, replacement) -> None:
+    """Point every loaded module's global that is `original` at `replacement`: modules imported before this
+    one ran (`from safetensors.torch import save_file` in accelerate, when the test harness preloads it) keep
+    their own binding, which patching the defining module alone would miss."""
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for name, value in list(namespace.items()):
+            if value is original:
+                namespace[name] = replacement
 
 
 def _fill_disk() -> None:
