@@ -183,8 +183,8 @@ class GPT(nn.Module):
             past_len = window.length
         else:
             past_len = past_key_values[0][0].shape[2] if past_key_values else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
+        if position_ids is None:  # the same for every row: one (1, T) table, broadcast over the batch
+            position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)[None]
         cos, sin = rotary_cos_sin(position_ids, self.config.head_size, self.config.rope_theta)
         mask = None
         if attention_mask is not None or (past_len and T > 1):

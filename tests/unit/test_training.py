@@ -103,6 +103,32 @@ def test_adam_gets_the_recipe_betas_and_eps(tiny_gpt):
     assert opt.param_groups[0]["betas"] == (0.8, 0.9) and opt.param_groups[0]["eps"] == 1e-6
 
 
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_adam_and_adamw_use_the_fused_kernel_and_step_as_the_per_tensor_loop_does(tiny_gpt, name):
+    model, twin = tiny_gpt(), tiny_gpt()
+    fused = build_optimizer(model, cfg(optimizer=name, lr=1e-2, weight_decay=0.1))
+    assert all(g["fused"] for g in fused.param_groups)
+    loop = type(fused)(parameter_groups(twin, 0.1), lr=1e-2, betas=fused.defaults["betas"], eps=fused.defaults["eps"],
+                       foreach=False)
+    ids = torch.randint(0, 300, (2, 16))
+    for _ in range(3):
+        for m, opt in ((model, fused), (twin, loop)):
+            m.train()
+            m(ids).float().logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # rounding apart, the same update
+
+
+def test_a_frozen_or_integer_parameter_set_keeps_the_fused_kernel_off():
+    from llmctl.training.optim import fused_kernel_applies
+
+    assert fused_kernel_applies([{"params": [torch.nn.Parameter(torch.zeros(2))]}])
+    assert not fused_kernel_applies([{"params": []}])
+    assert not fused_kernel_applies([{"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)]}])
+
+
 def test_sgd_nesterov_needs_momentum(tiny_gpt):
     assert build_optimizer(tiny_gpt(), cfg(optimizer="sgd", nesterov=True, momentum=0.9)).param_groups[0]["nesterov"]
     no_momentum = build_optimizer(tiny_gpt(), cfg(optimizer="sgd", nesterov=True, momentum=0.0))
