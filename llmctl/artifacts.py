@@ -236,7 +236,7 @@ def _failure(code: int, error: BaseException, what: str, target: Path, *, kept: 
     `file`: the file being written, when the error itself names none."""
     cause, fix = _WRITE_ERRNOS[code]
     file = _failed_file(error) or file
-    # write_atomic's temporary (.NAME.XXXX.tmp) is the target itself as far as the user is concerned
+    # write_atomic's temporary (.NAME.<random>.tmp) is, to the user, the target itself: not named apart
     shown = Path(file).name if file else ""
     if shown.startswith(f".{Path(target).name}.") and shown.endswith(".tmp"):
         shown = ""
